@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: venv, services, lint, types, tests.
+# Extra arguments go to pytest (e.g. build/test.sh -k transfer -x).
+# STAGERD_FULL=1 also runs the long reliability runs marked slow.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+export STAGERD_VENV="${STAGERD_VENV:-$root/.venv}"
+cd "$root"
+"$here/venv.sh"
+"$here/services.sh"
+py="$STAGERD_VENV/bin/python"
+echo "== ruff" >&2
+"$py" -m ruff check stagerd tests bench
+echo "== mypy (strict on stagerd/)" >&2
+"$py" -m mypy
+echo "== pytest" >&2
+markers=()
+[ "${STAGERD_FULL:-0}" = 1 ] || markers=(-m "not slow")
+exec "$py" -m pytest "${markers[@]}" "$@"

@@ -1,0 +1,5 @@
+"""Allow ``python -m stagerd``."""
+
+from stagerd.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""Subcommands. Each module exposes ``register(app)``; see :mod:`stagerd.cli`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from stagerd.config import Settings
+
+
+@dataclass
+class AppState:
+    """What the root callback hands to subcommands through ``ctx.obj``."""
+
+    env_file: Path | None = None
+    _settings: Settings | None = field(default=None, repr=False)
+
+    def settings(self) -> Settings:
+        """Load settings once (lazily, so ``--help`` never fails on bad configuration).
+
+        Raises ConfigError, which the CLI turns into exit code 2.
+        """
+        if self._settings is None:
+            from stagerd.log import register_secrets
+
+            self._settings = Settings.from_env(env_file=self.env_file)
+            register_secrets(secret_values(self._settings))
+        return self._settings
+
+
+def secret_values(settings: Settings) -> list[str | None]:
+    """The secret strings of *settings*, for the log redaction filter."""
+    from urllib.parse import urlsplit
+
+    values: list[str | None] = [settings.s3_access_key, settings.s3_secret_key]
+    for url in (settings.redis_url, settings.database_url):
+        if url and "://" in url:
+            values.append(urlsplit(url).password)
+    return values
+
+
+def state(ctx: typer.Context) -> AppState:
+    """The :class:`AppState` of the running command."""
+    obj = ctx.find_root().obj
+    if not isinstance(obj, AppState):  # direct invocation of a sub-app in tests
+        obj = AppState()
+        ctx.find_root().obj = obj
+    return obj

@@ -1,0 +1,66 @@
+"""The exception tree.
+
+Every failure stagerd raises on purpose is a :class:`StagerdError`. The split that matters
+to callers is *transient* (retrying can help: a reset connection, a 503, a full disk that
+the janitor may free) versus *permanent* (retrying cannot help: a corrupt archive, a bad
+batch id, a 403). The CLI maps them to exit codes: configuration/usage errors exit 2,
+everything else exits 1.
+"""
+
+from __future__ import annotations
+
+
+class StagerdError(Exception):
+    """Base of every error stagerd raises deliberately."""
+
+    exit_code = 1
+
+
+class ConfigError(StagerdError):
+    """A missing or malformed setting; names the variable, never its secret value."""
+
+    exit_code = 2
+
+
+class UsageError(StagerdError):
+    """Bad command-line input (for instance an invalid batch id)."""
+
+    exit_code = 2
+
+
+class TransientError(StagerdError):
+    """The operation may succeed if retried later."""
+
+
+class PermanentError(StagerdError):
+    """Retrying the same input cannot succeed."""
+
+
+class InvalidBatchId(PermanentError):
+    """A batch id that does not match the allowed pattern."""
+
+    exit_code = 2
+
+
+class InvalidJob(PermanentError):
+    """A job payload that cannot be parsed or lacks required fields."""
+
+
+class ArchiveRejected(PermanentError):
+    """An archive that is truncated, corrupt, hostile or does not match its digest."""
+
+
+class ScratchBudgetExceeded(PermanentError):
+    """A request larger than the whole scratch budget: waiting can never satisfy it."""
+
+
+class ScratchUnavailable(TransientError):
+    """The budget or the disk cannot hold the request now (timed out waiting)."""
+
+
+class ProcessorFailed(TransientError):
+    """The processor exited non-zero or timed out."""
+
+
+class ServiceUnavailable(TransientError):
+    """A backing service (S3, Redis, PostgreSQL) could not be reached."""

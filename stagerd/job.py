@@ -1,0 +1,144 @@
+"""The job payload: the seed's JSON, typed.
+
+The seed's producers push ``{"batch_id", "s3_key", "file_count", "transferred_at"}``;
+stagerd adds the optional ``size`` and ``sha256`` so the GPU side can verify the bytes.
+Unknown keys are kept (``extra``) and written back, so a newer producer's fields survive a
+round trip through an older worker's requeue.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from stagerd.errors import InvalidBatchId, InvalidJob
+from stagerd.ids import archive_key, validate_batch_id
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_KNOWN = ("batch_id", "s3_key", "file_count", "transferred_at", "size", "sha256")
+MAX_PAYLOAD_BYTES = 64 * 1024
+
+
+def utc_now_iso() -> str:
+    """ISO 8601 UTC timestamp with an explicit offset (the seed's ``transferred_at``)."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One batch to stage. Build with :meth:`new` (producers) or :meth:`from_json` (consumers)."""
+
+    batch_id: str
+    s3_key: str
+    file_count: int | None = None
+    transferred_at: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def new(
+        cls,
+        batch_id: str,
+        *,
+        file_count: int | None = None,
+        size: int | None = None,
+        sha256: str | None = None,
+    ) -> Job:
+        """A fresh job for *batch_id* with the seed's key format and the current time."""
+        return cls(
+            batch_id=validate_batch_id(batch_id),
+            s3_key=archive_key(batch_id),
+            file_count=file_count,
+            transferred_at=utc_now_iso(),
+            size=size,
+            sha256=sha256.lower() if sha256 else None,
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Job:
+        """Parse and validate a payload. Raises :class:`InvalidJob` with the reason."""
+        if len(raw) > MAX_PAYLOAD_BYTES:
+            raise InvalidJob(f"payload is {len(raw)} bytes (at most {MAX_PAYLOAD_BYTES})")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidJob(f"payload is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidJob(f"payload must be a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        """Validate a decoded payload. Raises :class:`InvalidJob`."""
+        for name in ("batch_id", "s3_key"):
+            if name not in data:
+                raise InvalidJob(f"payload lacks required field {name!r}")
+        try:
+            batch_id = validate_batch_id(data["batch_id"])
+        except InvalidBatchId as exc:
+            raise InvalidJob(str(exc)) from None
+        s3_key = data["s3_key"]
+        if s3_key != archive_key(batch_id):
+            raise InvalidJob(
+                f"s3_key {s3_key!r} does not match batch id {batch_id!r} "
+                f"(expected {archive_key(batch_id)!r})"
+            )
+        return cls(
+            batch_id=batch_id,
+            s3_key=s3_key,
+            file_count=_optional_int(data, "file_count"),
+            transferred_at=_optional_str(data, "transferred_at"),
+            size=_optional_int(data, "size"),
+            sha256=_optional_sha256(data),
+            extra={k: v for k, v in data.items() if k not in _KNOWN},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The payload as a dict: the seed's fields always, ours when known, extras kept."""
+        data: dict[str, Any] = {
+            **self.extra,
+            "batch_id": self.batch_id,
+            "s3_key": self.s3_key,
+            "file_count": self.file_count,
+            "transferred_at": self.transferred_at,
+        }
+        if self.size is not None:
+            data["size"] = self.size
+        if self.sha256 is not None:
+            data["sha256"] = self.sha256
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+def _optional_int(data: dict[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    # bool is an int subclass; a producer sending true is a bug worth refusing.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidJob(f"field {name!r} must be a non-negative integer or null, got {value!r}")
+    return value
+
+
+def _optional_str(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidJob(f"field {name!r} must be a string or null")
+    return value
+
+
+def _optional_sha256(data: dict[str, Any]) -> str | None:
+    value = data.get("sha256")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value.lower()):
+        raise InvalidJob("field 'sha256' must be 64 hex digits")
+    return value.lower()

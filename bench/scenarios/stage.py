@@ -1,0 +1,121 @@
+"""stage: download + verify + extract, stagerd streaming beside pipelines and the naive flow.
+
+Peers: ``s5cmd cat | tar -x``, ``rclone cat | tar -x``, the seed's naive flow (boto3
+``download_file`` then ``tarfile.extractall``) and the local floor ``cat archive | tar -x``
+(no network: what the disk alone allows). The archive is uploaded once per scenario; every run
+extracts into its own empty scratch dir, whose allocated bytes are polled for the peak.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import data, peers
+from bench.context import BenchContext, stagerd_has, sync_disks
+from bench.data import Archive
+from bench.measure import Sample
+from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
+from bench.peers import Command
+from bench.scenarios.common import clear, dir_stats, last_json, run_command, with_extra
+
+NAME = "stage"
+
+
+def run(ctx: BenchContext) -> ScenarioResult:
+    archive = data.wav_archive(ctx.data_dir, ctx.sizes.big_archive, ctx.sizes.member)
+    return measure_stage(ctx, NAME, "Stage (download + verify + extract) a WAV archive", archive)
+
+
+def measure_stage(ctx: BenchContext, name: str, title: str, archive: Archive) -> ScenarioResult:
+    result = ScenarioResult(
+        name,
+        title,
+        {
+            "archive_bytes": archive.size,
+            "members": archive.members,
+            "extracted_bytes": archive.extracted_bytes,
+        },
+    )
+    batch = f"bench-st-{uuid.uuid4().hex[:8]}"
+    key = f"archives/{batch}.tar"
+    with ctx.bucket("st") as bucket:
+        ctx.s3_client().upload_file(str(archive.path), bucket, key)
+        contenders: list[Contender] = []
+        missing = stagerd_has("stage", "scratch")
+        if missing:
+            result.notes.append(f"stagerd not measured: {missing}")
+        else:
+            contenders.append(Contender("stagerd", _stagerd(ctx, bucket, batch, archive), True))
+        pipes: dict[str, Callable[[Path], Command]] = {
+            "s5cmd cat | tar -x": lambda d: peers.s5cmd_stage(ctx, bucket, key, d),
+            "rclone cat | tar -x": lambda d: peers.rclone_stage(ctx, bucket, key, d),
+            "naive (boto3 download_file + extractall)": lambda d: peers.naive_stage(
+                ctx, bucket, key, d
+            ),
+            "local floor (cat | tar -x)": lambda d: peers.local_floor(ctx, archive.path, d),
+        }
+        for peer, build in pipes.items():
+            contenders.append(Contender(peer, _peer(ctx, build, archive)))
+        result.contenders = interleave(contenders, ctx.rounds)
+    result.add_ratios()
+    _checks(result, archive, missing is None)
+    return result
+
+
+def _checks(result: ScenarioResult, archive: Archive, measured: bool) -> None:
+    if not measured or not result.contender("stagerd").ok:
+        return
+    for peer, limit in (
+        ("s5cmd cat | tar -x", 1.2),
+        ("naive (boto3 download_file + extractall)", 0.5),
+    ):
+        ratio = result.ratios.get(f"stagerd/{peer}", float("nan"))
+        result.checks.append(Check(f"stage time vs {peer}", ratio, "<=", limit))
+    peak = max(s.peak_scratch for s in result.contender("stagerd").samples)
+    result.checks.append(
+        Check("stagerd peak scratch / extracted size", peak / archive.extracted_bytes, "<=", 1.05)
+    )
+    result.add_rss_check()
+
+
+def _expect(path: Path, archive: Archive) -> None:
+    files, size = dir_stats(path)
+    if (files, size) != (archive.members, archive.extracted_bytes):
+        raise RunFailed(
+            f"extracted {files} files / {size} bytes into {path}, "
+            f"expected {archive.members} / {archive.extracted_bytes}"
+        )
+
+
+def _stagerd(
+    ctx: BenchContext, bucket: str, batch: str, archive: Archive
+) -> Callable[[int], Sample]:
+    def once(_round: int) -> Sample:
+        scratch = ctx.fresh_dir("stage-stagerd")
+        env = ctx.stagerd_env(bucket, scratch)
+        cmd = Command([ctx.python, "-m", "bench.stage_runner", batch, archive.sha256], env)
+        sync_disks()
+        sample, out = run_command(cmd, scratch=[scratch])
+        _expect(scratch / batch / "input", archive)
+        clear(scratch)
+        report = last_json(out)
+        return with_extra(sample, extracted_bytes=report.get("extracted_bytes"))
+
+    return once
+
+
+def _peer(
+    ctx: BenchContext, build: Callable[[Path], Command], archive: Archive
+) -> Callable[[int], Sample]:
+    def once(_round: int) -> Sample:
+        scratch = ctx.fresh_dir("stage-peer")
+        sync_disks()
+        sample, _ = run_command(build(scratch), scratch=[scratch])
+        naive_input = scratch / "input"
+        _expect(naive_input if naive_input.exists() else scratch, archive)
+        clear(scratch)
+        return sample
+
+    return once

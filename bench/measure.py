@@ -148,11 +148,13 @@ def launcher(cmd: Sequence[str], maxrss_file: Path) -> list[str]:
     return [sys.executable, "-S", "-I", str(LAUNCH), str(maxrss_file), *cmd]
 
 
-def read_maxrss(maxrss_file: Path) -> int:
+def read_launch(path: Path) -> tuple[int, float | None]:
+    """(ru_maxrss bytes, seconds) written by the launcher; (0, None) if it was killed."""
     try:
-        return int(maxrss_file.read_text() or 0)
+        rss, seconds = path.read_text().split()
+        return int(rss), float(seconds)
     except (OSError, ValueError):
-        return 0  # killed before it could write: the polled peak stands alone
+        return 0, None
 
 
 def run_measured(
@@ -194,9 +196,9 @@ def run_measured(
             err.seek(0)
             stdout = out.read().decode(errors="replace")
             stderr = err.read().decode(errors="replace")
-        maxrss = read_maxrss(paths[2])
+        maxrss, launched_seconds = read_launch(paths[2])
     sample = Sample(
-        seconds=seconds,
+        seconds=launched_seconds if launched_seconds is not None else seconds,
         peak_rss=max(maxrss, poller.peak_total_rss),
         peak_scratch=poller.peak_scratch,
         returncode=proc.returncode,

@@ -92,7 +92,7 @@ def run_scenarios(ctx: BenchContext, names: list[str]) -> list[ScenarioResult]:
     for name in names:
         print(f"== {name}", flush=True)
         started = time.perf_counter()
-        result = SCENARIOS[name].run(ctx)
+        result = SCENARIOS[name](ctx)
         result.params["scenario_seconds"] = round(time.perf_counter() - started, 1)
         for line in report.result_lines(result):
             print(f"   {line}", flush=True)

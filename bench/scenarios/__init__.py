@@ -1,12 +1,19 @@
-"""The scenarios, in the order a run executes them; each module has ``run(ctx)``."""
+"""The scenarios, in the order a run executes them: name -> run(ctx) -> ScenarioResult."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Callable
 
-from bench.scenarios import stage, upload
+from bench.context import BenchContext
+from bench.model import ScenarioResult
+from bench.scenarios import janitor, resume, smallfiles, stage, startup, upload
 
-SCENARIOS: dict[str, ModuleType] = {
-    "upload": upload,
-    "stage": stage,
+SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
+    "upload": upload.run,
+    "stage": stage.run,
+    "upload_small": smallfiles.run_upload,
+    "stage_small": smallfiles.run_stage,
+    "resume": resume.run,
+    "janitor": janitor.run,
+    "startup": startup.run,
 }

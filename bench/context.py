@@ -35,7 +35,7 @@ class Sizes:
     janitor_dirs: int  # "10,000 stale and 10,000 locked dirs"
     startup_runs: int
     prefetch_batches: int
-    prefetch_stage_seconds: float  # target staging time per batch in the prefetch scenario
+    prefetch_archive: int  # sets the staging time; processing time is then k x measured staging
 
 
 FULL = Sizes(
@@ -48,8 +48,8 @@ FULL = Sizes(
     tiny_batches=200,
     janitor_dirs=10_000,
     startup_runs=20,
-    prefetch_batches=8,
-    prefetch_stage_seconds=2.0,
+    prefetch_batches=6,
+    prefetch_archive=256 * MiB,
 )
 QUICK = Sizes(
     big_archive=48 * MiB,
@@ -62,7 +62,7 @@ QUICK = Sizes(
     janitor_dirs=300,
     startup_runs=3,
     prefetch_batches=3,
-    prefetch_stage_seconds=0.4,
+    prefetch_archive=16 * MiB,
 )
 
 

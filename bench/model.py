@@ -97,6 +97,7 @@ class ScenarioResult:
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     metric: str = "seconds"  # what the ratios compare
+    columns: list[str] = field(default_factory=list)  # extra keys whose medians the report shows
     skipped: str | None = None
 
     def contender(self, name: str) -> ContenderResult:
@@ -128,6 +129,7 @@ class ScenarioResult:
             "title": self.title,
             "params": self.params,
             "metric": self.metric,
+            "columns": self.columns,
             "skipped": self.skipped,
             "contenders": [c.summary() for c in self.contenders],
             "ratios": self.ratios,

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,32 @@ def stage(key: str, dest: str, client: Any = None) -> Path:
     return batch_dir
 
 
-def produce(src: str, queue: str) -> None:
+def produce(src: str, queue: str, count: int) -> None:
+    """Watch *src*: upload + RPUSH every ``*.tar`` that appears, until *count* were sent."""
     import redis
 
     client, r = get_s3_client(), redis.Redis.from_url(os.environ["REDIS_URL"])
-    for path in sorted(Path(src).glob("*.tar")):
-        key = f"archives/{path.stem}.tar"
-        client.upload_file(str(path), os.environ["S3_BUCKET"], key)
-        job = {
-            "batch_id": path.stem,
-            "s3_key": key,
-            "file_count": None,
-            "transferred_at": datetime.now(timezone.utc).isoformat(),
-        }
-        r.rpush(queue, json.dumps(job))
+    sent = 0
+    while sent < count:
+        found = sorted(Path(src).glob("*.tar"))
+        if not found:
+            time.sleep(0.05)
+        sent += len(found)
+        for path in found:
+            _produce_one(client, r, path, queue)
+
+
+def _produce_one(client: Any, r: Any, path: Path, queue: str) -> None:
+    key = f"archives/{path.stem}.tar"
+    client.upload_file(str(path), os.environ["S3_BUCKET"], key)
+    job = {
+        "batch_id": path.stem,
+        "s3_key": key,
+        "file_count": None,
+        "transferred_at": datetime.now(timezone.utc).isoformat(),
+    }
+    r.rpush(queue, json.dumps(job))
+    path.unlink()
 
 
 def consume(count: int, queue: str, processor: str, scratch: str) -> None:
@@ -98,7 +111,7 @@ def main(argv: list[str]) -> None:
     elif cmd == "stage":
         stage(*args)
     elif cmd == "produce":
-        produce(*args)
+        produce(args[0], args[1], int(args[2]))
     elif cmd == "consume":
         consume(int(args[0]), *args[1:])
     else:

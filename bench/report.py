@@ -112,7 +112,10 @@ def _contender_row(r: ScenarioResult, c: ContenderResult) -> str:
     values = c.metric(key)
     unit = "s" if key == "seconds" else ""
     if not c.ok:
-        return f"| {cell(c.name)} | error: {cell((c.error or 'no samples')[:200])} | | | | |"
+        blanks = " |" * len(r.columns)
+        return (
+            f"| {cell(c.name)} | error: {cell((c.error or 'no samples')[:200])} | | | | |{blanks}"
+        )
     stagerd = next((x for x in r.contenders if x.is_stagerd and x.ok), None)
     ratio = (
         ""
@@ -123,9 +126,10 @@ def _contender_row(r: ScenarioResult, c: ContenderResult) -> str:
     peak_rss = max(s.peak_rss for s in c.samples)
     peak_scratch = max(s.peak_scratch for s in c.samples)
     name = f"**{cell(c.name)}**" if c.is_stagerd else cell(c.name)
+    extra = "".join(f" {fmt_num(c.median(k))} |" for k in r.columns)
     return (
         f"| {name} | {fmt_num(c.median(key))}{unit} | {span} | {ratio} | "
-        f"{fmt_bytes(peak_rss)} | {fmt_bytes(peak_scratch) if peak_scratch else '-'} |"
+        f"{fmt_bytes(peak_rss)} | {fmt_bytes(peak_scratch) if peak_scratch else '-'} |{extra}"
     )
 
 
@@ -139,8 +143,9 @@ def _scenario_md(r: ScenarioResult, plot: Path | None, base: Path) -> list[str]:
     if r.skipped:
         return [*out, f"Skipped: {r.skipped}", ""]
     out += [
-        f"| Contender | median {metric} | min-max | stagerd / this | peak RSS | peak scratch |",
-        "|---|---|---|---|---|---|",
+        f"| Contender | median {metric} | min-max | stagerd / this | peak RSS | peak scratch |"
+        + "".join(f" median {k} |" for k in r.columns),
+        "|---|---|---|---|---|---|" + "---|" * len(r.columns),
     ]
     out += [_contender_row(r, c) for c in r.contenders]
     out.append("")

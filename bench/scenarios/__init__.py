@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from bench.context import BenchContext
 from bench.model import ScenarioResult
-from bench.scenarios import janitor, resume, smallfiles, stage, startup, upload
+from bench.scenarios import janitor, prefetch, resume, smallfiles, stage, startup, tiny, upload
 
 SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
     "upload": upload.run,
@@ -14,6 +14,9 @@ SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
     "upload_small": smallfiles.run_upload,
     "stage_small": smallfiles.run_stage,
     "resume": resume.run,
+    "tiny": tiny.run,
     "janitor": janitor.run,
     "startup": startup.run,
+    "prefetch_1to3": prefetch.run_1to3,
+    "prefetch_1to1": prefetch.run_1to1,
 }

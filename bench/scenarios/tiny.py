@@ -1,0 +1,168 @@
+"""tiny: N tiny batches end to end, transfer -> queue -> gpu -> PostgreSQL, no-op processor.
+
+Both pipelines run as daemons started before the clock, the way they run in production
+(``stagerd transfer watch INBOX`` on the transfer host, ``stagerd gpu`` on the GPU VM), and
+one warm-up batch goes through first so neither is billed for its start-up. The clock runs
+from the first archive renamed into the inbox to the N-th batch's row in PostgreSQL. The peer
+is the seed's flow with the obvious loops around it (bench/naive.py: watch + upload_file +
+RPUSH; BLPOP + download_file + extractall + processor + INSERT).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import data
+from bench.context import BenchContext, stagerd_has
+from bench.measure import Sample
+from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
+from bench.peers import Command
+from bench.scenarios.common import run_command
+from bench.scenarios.daemons import daemons, log_tail, wait_for
+
+NAME = "tiny"
+NOOP = '#!/bin/sh\n# bench no-op processor: an empty results file, exit 0\n: > "$STAGERD_RESULTS"\n'
+
+
+def run(ctx: BenchContext) -> ScenarioResult:
+    n = ctx.sizes.tiny_batches
+    result = ScenarioResult(NAME, f"{n} tiny batches end to end", {"batches": n})
+    missing = stagerd_has("commands.transfer", "commands.gpu", "db")
+    archives = data.tiny_batches(ctx.data_dir, n + 1)
+    noop = write_noop(ctx)
+    with ctx.bucket("tiny") as bucket:
+        contenders = []
+        if missing:
+            result.notes.append(f"stagerd not measured: {missing}")
+        else:
+            contenders.append(
+                Contender(
+                    "stagerd (transfer watch + gpu)", _stagerd(ctx, bucket, archives, noop), True
+                )
+            )
+        contenders.append(
+            Contender("naive (seed flow in loops)", _naive(ctx, bucket, archives, noop))
+        )
+        result.contenders = interleave(contenders, ctx.rounds)
+    result.add_ratios("batches_per_s")
+    if not missing and result.contenders[0].ok:
+        rate = result.contenders[0].median("batches_per_s")
+        result.checks.append(Check("stagerd end-to-end batches/s", rate, ">=", 20, "/s"))
+        result.add_rss_check()
+    return result
+
+
+def write_noop(ctx: BenchContext) -> Path:
+    path = ctx.work / "noop-processor.sh"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(NOOP)
+    path.chmod(0o755)
+    return path
+
+
+def _stage_inputs(ctx: BenchContext, archives: list[data.Archive], prefix: str) -> list[Path]:
+    """Copies named <prefix>-NNNN.tar (the batch id is the stem) next to the inbox."""
+    outbox = ctx.fresh_dir(f"{prefix}-outbox")
+    out = []
+    for i, a in enumerate(archives):
+        dest = outbox / f"{prefix}-{i:04d}.tar"
+        shutil.copyfile(a.path, dest)
+        out.append(dest)
+    return out
+
+
+def _pg_count(ctx: BenchContext, table: str, prefix: str, done_only: bool) -> Callable[[], int]:
+    import psycopg
+
+    conn = psycopg.connect(ctx.database_url, autocommit=True)
+    state = " AND state = 'done'" if done_only else ""
+    sql = f"SELECT count(*) FROM {table} WHERE batch_id LIKE %s{state}"
+
+    def count() -> int:
+        try:
+            row = conn.execute(sql, (f"{prefix}-%",)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return 0
+        return int(row[0]) if row else 0
+
+    return count
+
+
+def _drive(
+    ctx: BenchContext,
+    cmds: list[Command],
+    inputs: list[Path],
+    inbox: Path,
+    count: Callable[[], int],
+    name: str,
+) -> Sample:
+    """Warm up with one batch, then time the rest from first rename to last row."""
+    logs = ctx.work / "runs" / f"{name}-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    with daemons(cmds, logs) as (procs, poller):
+        try:
+            os.rename(inputs[0], inbox / inputs[0].name)
+            wait_for("the warm-up batch", lambda: count() >= 1, 120, procs)
+            started = time.perf_counter()
+            for path in inputs[1:]:
+                os.rename(path, inbox / path.name)
+            wait_for(f"{len(inputs)} batches", lambda: count() >= len(inputs), 600, procs)
+            seconds = time.perf_counter() - started
+        except RunFailed as exc:
+            raise RunFailed(f"{exc}\n{log_tail(logs)}") from None
+        peak = max(poller.peak_rss.values())
+    n = len(inputs) - 1
+    return Sample(
+        seconds,
+        peak,
+        0,
+        0,
+        {"batches_per_s": n / seconds, "per_process_peak_rss": list(poller.peak_rss.values())},
+    )
+
+
+def _stagerd(
+    ctx: BenchContext, bucket: str, archives: list[data.Archive], noop: Path
+) -> Callable[[int], Sample]:
+    def once(_round: int) -> Sample:
+        prefix = f"tiny{uuid.uuid4().hex[:6]}"
+        inputs = _stage_inputs(ctx, archives, prefix)
+        inbox, scratch = ctx.fresh_dir(f"{prefix}-inbox"), ctx.fresh_dir(f"{prefix}-scratch")
+        env = ctx.stagerd_env(
+            bucket,
+            scratch,
+            STAGERD_QUEUE=f"bench:{prefix}:queue:unpack",
+            STAGERD_WORKER_ID=f"bench-{prefix}",
+        )
+        run_command(Command(ctx.stagerd("db", "migrate"), env), timeout=120)
+        gpu = ctx.stagerd("gpu", "--concurrency", "1", "--prefetch", "1", "--processor", str(noop))
+        watch = ctx.stagerd("transfer", "watch", str(inbox), "--delete-after")
+        count = _pg_count(ctx, "stagerd_batches", prefix, done_only=True)
+        return _drive(ctx, [Command(gpu, env), Command(watch, env)], inputs, inbox, count, prefix)
+
+    return once
+
+
+def _naive(
+    ctx: BenchContext, bucket: str, archives: list[data.Archive], noop: Path
+) -> Callable[[int], Sample]:
+    def once(_round: int) -> Sample:
+        prefix = f"naive{uuid.uuid4().hex[:6]}"
+        inputs = _stage_inputs(ctx, archives, prefix)
+        inbox, scratch = ctx.fresh_dir(f"{prefix}-inbox"), ctx.fresh_dir(f"{prefix}-scratch")
+        queue = f"bench:{prefix}:queue:unpack"
+        env = {**ctx.stagerd_env(bucket, scratch)}
+        n = str(len(inputs))
+        produce = [ctx.python, "-m", "bench.naive", "produce", str(inbox), queue, n]
+        consume = [ctx.python, "-m", "bench.naive", "consume", n, queue, str(noop), str(scratch)]
+        count = _pg_count(ctx, "naive_batches", prefix, done_only=False)
+        return _drive(
+            ctx, [Command(consume, env), Command(produce, env)], inputs, inbox, count, prefix
+        )
+
+    return once

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# The stagerd checkout under test (default: this one). Pointing it elsewhere measures another
+# branch's code with this harness; children then write no bytecode into that tree.
+STAGERD_ROOT = Path(os.environ.get("BENCH_STAGERD_ROOT", str(ROOT))).resolve()
 MiB = 1024**2
 GiB = 1024**3
 
@@ -136,8 +139,10 @@ class BenchContext:
         """A clean child environment: no inherited S3/stagerd settings."""
         keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
         env = {k: v for k, v in os.environ.items() if k in keep}
-        env["PYTHONPATH"] = str(ROOT)
+        env["PYTHONPATH"] = f"{STAGERD_ROOT}:{ROOT}" if STAGERD_ROOT != ROOT else str(ROOT)
         env["PYTHONUNBUFFERED"] = "1"
+        if STAGERD_ROOT != ROOT:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
     def aws_env(self) -> dict[str, str]:
@@ -191,7 +196,9 @@ def stagerd_has(*modules: str) -> str | None:
     measures its peers and says what it is waiting for.
     """
     missing = [
-        m for m in modules if not (ROOT / "stagerd" / (m.replace(".", "/") + ".py")).exists()
+        m
+        for m in modules
+        if not (STAGERD_ROOT / "stagerd" / (m.replace(".", "/") + ".py")).exists()
     ]
     return f"stagerd.{', stagerd.'.join(missing)} not in this checkout yet" if missing else None
 

@@ -16,12 +16,34 @@ SEAWEEDFS = S3Target("seaweedfs", "http://127.0.0.1:8333", "stagerd-dev", "stage
 
 
 def swift_target() -> S3Target:
-    """Swift's s3api, from BENCH_SWIFT_* (defaults: the Swift all-in-one's test account)."""
+    """Swift's s3api: $BENCH_SWIFT_ENDPOINT (+ _ACCESS_KEY/_SECRET_KEY) when set, else the
+    loopback all-in-one that ``build/swift.sh start current`` starts (idempotent) and
+    describes with ``export STAGERD_TEST_SWIFT...=`` lines."""
+    if "BENCH_SWIFT_ENDPOINT" in os.environ:
+        return S3Target(
+            "swift",
+            os.environ["BENCH_SWIFT_ENDPOINT"],
+            os.environ.get("BENCH_SWIFT_ACCESS_KEY", "test:tester"),
+            os.environ.get("BENCH_SWIFT_SECRET_KEY", "testing"),
+        )
+    script = ROOT / "build" / "swift.sh"
+    if not script.exists():
+        raise RuntimeError("--s3 swift: set BENCH_SWIFT_ENDPOINT (build/swift.sh is not here)")
+    proc = subprocess.run(
+        [str(script), "start", "current"], capture_output=True, text=True, check=False
+    )
+    env = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in proc.stdout.splitlines()
+        if line.startswith("export ") and "=" in line
+    )
+    if proc.returncode != 0 or "STAGERD_TEST_SWIFT" not in env:
+        raise RuntimeError(f"build/swift.sh start current failed: {proc.stderr[-500:]}")
     return S3Target(
         "swift",
-        os.environ.get("BENCH_SWIFT_ENDPOINT", "http://127.0.0.1:8080"),
-        os.environ.get("BENCH_SWIFT_ACCESS_KEY", "test:tester"),
-        os.environ.get("BENCH_SWIFT_SECRET_KEY", "testing"),
+        env["STAGERD_TEST_SWIFT"],
+        env.get("STAGERD_TEST_SWIFT_ACCESS_KEY", "test:tester"),
+        env.get("STAGERD_TEST_SWIFT_SECRET_KEY", "testing"),
     )
 
 

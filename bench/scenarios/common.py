@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.context import sync_disks
+from bench.context import STAGERD_ROOT, sync_disks
 from bench.measure import Sample, run_measured
 from bench.model import RunFailed
 from bench.peers import Command
@@ -18,7 +18,9 @@ def run_command(
     cmd: Command, *, scratch: Sequence[Path] = (), timeout: float = 3600.0
 ) -> tuple[Sample, str]:
     """Run *cmd* measured; a non-zero exit raises RunFailed with the tail of stderr."""
-    sample, out, err = run_measured(cmd.argv, env=cmd.env, scratch=scratch, timeout=timeout)
+    sample, out, err = run_measured(
+        cmd.argv, env=cmd.env, cwd=STAGERD_ROOT, scratch=scratch, timeout=timeout
+    )
     if sample.returncode != 0:
         raise RunFailed.of(Path(cmd.argv[0]).name + " " + " ".join(cmd.argv[1:3]), sample, err, out)
     return sample, out

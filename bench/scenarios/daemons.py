@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.context import STAGERD_ROOT
 from bench.measure import Poller, kill_session
 from bench.model import RunFailed
 from bench.peers import Command
@@ -33,6 +34,7 @@ def daemons(
                 proc = subprocess.Popen(
                     cmd.argv,
                     env=cmd.env,
+                    cwd=STAGERD_ROOT,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

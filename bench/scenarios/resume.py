@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import data
-from bench.context import BenchContext, stagerd_has
+from bench.context import STAGERD_ROOT, BenchContext, stagerd_has
 from bench.data import Archive
 from bench.measure import Poller, Sample, kill_session
 from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
@@ -142,6 +142,7 @@ def kill_midway(
     proc = subprocess.Popen(
         cmd.argv,
         env=cmd.env,
+        cwd=STAGERD_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -27,7 +27,13 @@ def run_command(
 
 
 def last_json(stdout: str) -> dict[str, Any]:
-    """The last line of *stdout* that parses as a JSON object (stagerd prints one)."""
+    """The JSON object stagerd printed: all of stdout (pretty-printed), else its last JSON line."""
+    try:
+        whole = json.loads(stdout)
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        return whole
     for raw in reversed(stdout.strip().splitlines()):
         line = raw.strip()
         if line.startswith("{"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import sys
 import time
 import uuid
@@ -94,6 +95,7 @@ def run_scenarios(ctx: BenchContext, names: list[str]) -> list[ScenarioResult]:
         started = time.perf_counter()
         result = SCENARIOS[name](ctx)
         result.params["scenario_seconds"] = round(time.perf_counter() - started, 1)
+        shutil.rmtree(ctx.work / "runs", ignore_errors=True)  # errors already carry log tails
         for line in report.result_lines(result):
             print(f"   {line}", flush=True)
         results.append(result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from bench.context import BenchContext, stagerd_has
 from bench.measure import Sample
 from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
 from bench.peers import Command
-from bench.scenarios.common import run_command
+from bench.scenarios.common import run_command, with_extra
 from bench.scenarios.daemons import daemons, log_tail, wait_for
 
 NAME = "tiny"
@@ -32,6 +33,7 @@ NOOP = '#!/bin/sh\n# bench no-op processor: an empty results file, exit 0\n: > "
 def run(ctx: BenchContext) -> ScenarioResult:
     n = ctx.sizes.tiny_batches
     result = ScenarioResult(NAME, f"{n} tiny batches end to end", {"batches": n})
+    result.columns = ["transfer_side_seconds"]
     missing = stagerd_has("commands.transfer", "commands.gpu", "db")
     archives = data.tiny_batches(ctx.data_dir, n + 1)
     noop = write_noop(ctx)
@@ -111,7 +113,15 @@ def _drive(
             started = time.perf_counter()
             for path in inputs[1:]:
                 os.rename(path, inbox / path.name)
-            wait_for(f"{len(inputs)} batches", lambda: count() >= len(inputs), 600, procs)
+            marks: dict[str, float] = {}
+
+            def finished() -> bool:
+                # When the inbox empties, the transfer side is done: which side bounds the rate.
+                if "transfer" not in marks and not any(inbox.glob("*.tar")):
+                    marks["transfer"] = time.perf_counter() - started
+                return count() >= len(inputs)
+
+            wait_for(f"{len(inputs)} batches", finished, 600, procs)
             seconds = time.perf_counter() - started
         except RunFailed as exc:
             raise RunFailed(f"{exc}\n{log_tail(logs)}") from None
@@ -122,7 +132,11 @@ def _drive(
         peak,
         0,
         0,
-        {"batches_per_s": n / seconds, "per_process_peak_rss": list(poller.peak_rss.values())},
+        {
+            "batches_per_s": n / seconds,
+            "transfer_side_seconds": marks.get("transfer", seconds),
+            "per_process_peak_rss": list(poller.peak_rss.values()),
+        },
     )
 
 
@@ -143,9 +157,25 @@ def _stagerd(
         gpu = ctx.stagerd("gpu", "--concurrency", "1", "--prefetch", "1", "--processor", str(noop))
         watch = ctx.stagerd("transfer", "watch", str(inbox), "--delete-after")
         count = _pg_count(ctx, "stagerd_batches", prefix, done_only=True)
-        return _drive(ctx, [Command(gpu, env), Command(watch, env)], inputs, inbox, count, prefix)
+        sample = _drive(ctx, [Command(gpu, env), Command(watch, env)], inputs, inbox, count, prefix)
+        return with_extra(sample, **ledger_medians(ctx, prefix))
 
     return once
+
+
+def ledger_medians(ctx: BenchContext, prefix: str) -> dict[str, float]:
+    """Median per-phase seconds of this run's batches, from stagerd's ledger (GPU side)."""
+    import psycopg
+
+    phases = ("stage_seconds", "process_seconds", "commit_seconds")
+    sql = f"SELECT {', '.join(phases)} FROM stagerd_batches WHERE batch_id LIKE %s"
+    with psycopg.connect(ctx.database_url) as conn:
+        rows = conn.execute(sql, (f"{prefix}-%",)).fetchall()
+    return {
+        f"gpu_{name}": statistics.median(float(r[i]) for r in rows if r[i] is not None)
+        for i, name in enumerate(phases)
+        if any(r[i] is not None for r in rows)
+    }
 
 
 def _naive(

@@ -49,9 +49,7 @@ def wav_info(path: Path, root: Path) -> dict[str, Any]:
 
 def process_dir(input_dir: Path, results: Path) -> int:
     """Write one JSON line per WAV under *input_dir* to *results*; return how many."""
-    paths = sorted(
-        p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() == ".wav"
-    )
+    paths = sorted(p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() == ".wav")
     with results.open("w", encoding="utf-8") as out:
         for path in paths:
             out.write(json.dumps(wav_info(path, input_dir), sort_keys=True) + "\n")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from stagerd.samples.makebatch import make_batch
 from stagerd.samples.wavinfo import process_dir
-
-from .conftest import base_env
+from tests.conftest import base_env
 
 
 def run_module(module: str, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:

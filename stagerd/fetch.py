@@ -317,11 +317,28 @@ def download_to_file(
     part = dest.with_name(dest.name + ".part")
     marker = dest.with_name(dest.name + ".etag")
     hasher = hashlib.sha256()
-    start = _resume_point(dest, part, marker, head, hasher)
-    charge(start)
-    if start == head.size and dest.exists():
-        return hasher.hexdigest()
-    marker.write_text(head.etag)
+    try:
+        start = _resume_point(dest, part, marker, head, hasher)
+        charge(start)
+        if start == head.size and dest.exists():
+            return hasher.hexdigest()
+        marker.write_text(head.etag)
+        _fetch_into(part, start, hasher, opener, head, describe=describe, charge=charge,
+                    policy=policy, stop=stop, range_size=range_size,
+                    on_progress=on_progress)  # fmt: skip
+        os.replace(part, dest)
+    except OSError as exc:
+        # Local disk trouble (ENOSPC above all) may pass once the janitor frees space.
+        raise TransientError(f"writing {dest.name} failed: {exc.strerror or exc}") from None
+    return hasher.hexdigest()
+
+
+def _fetch_into(
+    part: Path, start: int, hasher: Any, opener: RangeOpener, head: ArchiveHead, *,
+    describe: Callable[[BaseException], StagerdError], charge: Callable[[int], None],
+    policy: RetryPolicy | None, stop: threading.Event | None, range_size: int,
+    on_progress: Callable[[int], None] | None,
+) -> None:  # fmt: skip
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         os.ftruncate(fd, start)
@@ -338,8 +355,6 @@ def download_to_file(
                     on_progress(stream.consumed)
     finally:
         os.close(fd)
-    os.replace(part, dest)
-    return hasher.hexdigest()
 
 
 def _resume_point(dest: Path, part: Path, marker: Path, head: ArchiveHead, hasher: Any) -> int:

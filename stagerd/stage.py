@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from stagerd.errors import ArchiveRejected, ScratchBudgetExceeded
+from stagerd.errors import ArchiveRejected, ScratchBudgetExceeded, ScratchUnavailable
 from stagerd.extract import DEFAULT_MAX_MEMBERS, ExtractLimits, ExtractStats, extract_tar
 from stagerd.fetch import (
     CHUNK,
@@ -225,7 +225,7 @@ class _Budget:
         step = max(shortfall, min(_EXTEND_STEP, max(self._allowed // 8, 1)))
         try:
             self._reservation.extend(step)
-        except ScratchBudgetExceeded:
+        except (ScratchBudgetExceeded, ScratchUnavailable):
             if step == shortfall:
                 raise
             step = shortfall

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import io
 import os
+import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,25 @@ def test_file_source_and_no_symlink_following_in_destination(tmp_path: Path) -> 
     with pytest.raises(FileExistsError):
         extract_tar(BytesSource(data), tmp_path / "planted", charge=Meter())
     assert list((tmp_path / "target").iterdir()) == []
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs, for a real ENOSPC (needs root, as in CI and the dev container)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_real_enospc_is_transient_with_a_clear_reason(tiny_fs: Path) -> None:
+    data = build([(member(f"{i}.wav"), b"w" * 300_000) for i in range(5)])
+    with pytest.raises(TransientError, match="scratch disk full while writing member"):
+        extract_tar(BytesSource(data, chunk=65536), tiny_fs / "in", charge=Meter())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -216,3 +217,18 @@ def test_download_starts_over_for_a_different_etag(
     )
     assert digest == hashlib.sha256(data).hexdigest() and dest.read_bytes() == data
     assert opener.calls[0][0] == 0
+
+
+def test_download_disk_errors_are_transient(
+    tmp_path: Path, s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
+) -> None:
+    _, head = blob
+
+    def disk_full(_n: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    opener = s3_range_opener(s3_client, s3_bucket, KEY, head.etag)
+    with pytest.raises(TransientError, match=r"writing archive\.tar failed: No space left"):
+        download_to_file(
+            opener, head, tmp_path / "archive.tar", describe=describe(s3_bucket), charge=disk_full
+        )

@@ -96,7 +96,11 @@ def extract_tar(
     ArchiveRejected for hostile/corrupt/truncated input, TransientError on ENOSPC/IO errors.
     """
     limits = limits or ExtractLimits()
-    dest.mkdir(mode=0o755)
+    try:
+        dest.mkdir(mode=0o755)
+    except FileExistsError:
+        # Never extract into something already there (it could be a planted symlink).
+        raise TransientError(f"extraction directory {dest} already exists") from None
     reader = _Reader(source)
     tree = _Tree(dest)
     files = dirs = nbytes = members = 0

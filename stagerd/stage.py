@@ -234,7 +234,10 @@ class _Budget:
 
 
 def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)  # rmtree refuses these; never follow a planted link
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- the seed's API -------------------------------------------------------------------

@@ -168,6 +168,20 @@ def test_dropped_connections_resume_and_stage_the_same_bytes(
     ]  # fmt: skip
 
 
+def test_planted_input_symlink_is_replaced_not_followed(
+    tmp_path: Path, s3_client: Any, s3_bucket: str, scratch: ScratchManager
+) -> None:
+    job, info = upload_batch(tmp_path, s3_client, s3_bucket, "b-planted", files=2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with scratch.reserve(job.batch_id, info.size) as res:
+        (res.path / "input").symlink_to(outside)
+        stage_batch(s3_client, s3_bucket, job, res, policy=FAST)
+        assert not (res.path / "input").is_symlink()
+        assert len(wavs(res.path / "input")) == 2
+    assert list(outside.iterdir()) == []
+
+
 def test_small_files_outgrowing_the_budget_fail_cleanly(
     s3_client: Any, s3_bucket: str, scratch_dir: Path
 ) -> None:

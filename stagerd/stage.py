@@ -24,7 +24,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from stagerd.errors import ArchiveRejected, ScratchBudgetExceeded, ScratchUnavailable
+from stagerd.errors import (
+    ArchiveRejected,
+    ScratchBudgetExceeded,
+    ScratchUnavailable,
+    StagerdError,
+)
 from stagerd.extract import DEFAULT_MAX_MEMBERS, ExtractLimits, ExtractStats, extract_tar
 from stagerd.fetch import (
     CHUNK,
@@ -32,6 +37,7 @@ from stagerd.fetch import (
     ArchiveHead,
     FileSource,
     RangedStream,
+    RangeOpener,
     StageInterrupted,
     download_to_file,
     head_object,
@@ -124,32 +130,19 @@ def stage_batch(
         raise ArchiveRejected(f"archive {job.s3_key} is {head.size} bytes, the job says {job.size}")
     input_dir = reservation.path / INPUT_DIR
     _remove(input_dir)  # leftovers of an earlier attempt in a reused batch dir
+    fetch = _Fetch(
+        opener=s3_range_opener(client, bucket, job.s3_key, head.etag),
+        describe=partial(map_s3_error, bucket=bucket, key=job.s3_key),
+        policy=policy, stop=stop, range_size=range_size, on_progress=on_progress,
+    )  # fmt: skip
     budget = _Budget(reservation)
-    opener = s3_range_opener(client, bucket, job.s3_key, head.etag)
-    describe = partial(map_s3_error, bucket=bucket, key=job.s3_key)
     limits = ExtractLimits(max_members=max_members)
     try:
         if keep_archive:
             archive = reservation.path / ARCHIVE_NAME
-            digest = download_to_file(
-                opener, head, archive, describe=describe, charge=budget.charge,
-                policy=policy, stop=stop, range_size=range_size, on_progress=on_progress,
-            )  # fmt: skip
-            _verify(job, digest)
-            stats = _extract_file(archive, input_dir, budget, limits, stop)
+            stats, digest = _stage_kept(fetch, head, job, archive, input_dir, budget, limits)
         else:
-            stream = RangedStream(
-                opener, head.size, describe=describe, range_size=range_size,
-                policy=policy, stop=stop,
-            )  # fmt: skip
-            with stream:
-                stats = extract_tar(
-                    _Progress(stream, on_progress), input_dir, charge=budget.charge,
-                    limits=limits,
-                )  # fmt: skip
-                _drain(stream, on_progress)
-            digest = stream.sha256()
-            _verify(job, digest)
+            stats, digest = _stage_streamed(fetch, head, job, input_dir, budget, limits)
     except BaseException:
         _remove(input_dir)
         raise
@@ -166,6 +159,56 @@ def stage_batch(
         sha256=digest,
         seconds=time.monotonic() - started,
     )
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    """How to read the archive: one pinned opener plus the knobs every read shares."""
+
+    opener: RangeOpener
+    describe: Callable[[BaseException], StagerdError]
+    policy: RetryPolicy
+    stop: threading.Event | None
+    range_size: int
+    on_progress: Callable[[int], None] | None
+
+
+def _stage_streamed(
+    fetch: _Fetch, head: ArchiveHead, job: Job, input_dir: Path, budget: _Budget,
+    limits: ExtractLimits,
+) -> tuple[ExtractStats, str]:  # fmt: skip
+    """Ranged GETs straight into the extractor; the digest can only be checked at the end."""
+    stream = RangedStream(
+        fetch.opener, head.size, describe=fetch.describe, range_size=fetch.range_size,
+        policy=fetch.policy, stop=fetch.stop,
+    )  # fmt: skip
+    with stream:
+        source = _Progress(stream, fetch.on_progress)
+        stats = extract_tar(source, input_dir, charge=budget.charge, limits=limits)
+        _drain(stream, fetch.on_progress)
+    digest = stream.sha256()
+    _verify(job, digest)  # on mismatch the caller deletes input/ before anyone sees it
+    return stats, digest
+
+
+def _stage_kept(
+    fetch: _Fetch, head: ArchiveHead, job: Job, archive: Path, input_dir: Path,
+    budget: _Budget, limits: ExtractLimits,
+) -> tuple[ExtractStats, str]:  # fmt: skip
+    """The seed's flow: archive.tar (resumable), verified *before* anything is extracted."""
+    digest = download_to_file(
+        fetch.opener, head, archive, describe=fetch.describe, charge=budget.charge,
+        policy=fetch.policy, stop=fetch.stop, range_size=fetch.range_size,
+        on_progress=fetch.on_progress,
+    )  # fmt: skip
+    try:
+        _verify(job, digest)
+    except ArchiveRejected:
+        # Not resumable: a later forced retry must download afresh.
+        archive.unlink(missing_ok=True)
+        archive.with_name(archive.name + ".etag").unlink(missing_ok=True)
+        raise
+    return _extract_file(archive, input_dir, budget, limits, fetch.stop), digest
 
 
 def _verify(job: Job, digest: str) -> None:

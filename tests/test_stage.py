@@ -126,6 +126,7 @@ def test_digest_mismatch_never_leaves_input(
         with pytest.raises(ArchiveRejected, match="SHA-256 mismatch"):
             stage_batch(s3_client, s3_bucket, wrong, res, keep_archive=keep, policy=FAST)
         assert not (res.path / "input").exists()
+        assert not (res.path / "archive.tar").exists()  # keep mode: not reusable either
 
 
 def test_size_mismatch_and_missing_key_are_rejected(

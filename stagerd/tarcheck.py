@@ -10,6 +10,7 @@ batch it can only fail on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,10 +145,8 @@ def _pax_size(data: bytes, current: int | None) -> int | None:
             break
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"size":
-            try:
+            with contextlib.suppress(ValueError):  # a bad record: keep the header's size
                 current = int(value)
-            except ValueError:
-                pass
         pos += length
     return current
 

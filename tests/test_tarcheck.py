@@ -11,7 +11,9 @@ from stagerd.errors import ArchiveRejected
 from stagerd.tarcheck import check_tar
 
 
-def make_tar(path: Path, files: int = 3, *, fmt: int = tarfile.PAX_FORMAT, size: int = 1000) -> Path:
+def make_tar(
+    path: Path, files: int = 3, *, fmt: int = tarfile.PAX_FORMAT, size: int = 1000
+) -> Path:
     with tarfile.open(path, "w", format=fmt) as tar:
         dirinfo = tarfile.TarInfo("batch")
         dirinfo.type = tarfile.DIRTYPE
@@ -67,7 +69,7 @@ def test_truncated_archive_refused(tmp_path: Path, cut: int) -> None:
     data = full[:cut] if cut > 0 else full[: content_end + 512 + cut]
     path = tmp_path / "cut.tar"
     path.write_bytes(data)
-    with pytest.raises(ArchiveRejected, match="truncated|corrupt|not a tar"):
+    with pytest.raises(ArchiveRejected, match=r"truncated|corrupt|not a tar"):
         check_tar(path)
 
 

@@ -28,7 +28,7 @@ def _json(result: Any) -> dict[str, Any]:
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout  # exactly one JSON object on stdout
     data: dict[str, Any] = json.loads(lines[0])
-    assert KEYS <= data.keys()
+    assert data.keys() >= KEYS
     return data
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import socket
-import tarfile
 import struct
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -140,10 +140,8 @@ class FaultProxy:
             pass
         finally:
             for sock in (src, dst):
-                try:
+                with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
 
     def _throttle(self, nbytes: int) -> None:

@@ -146,6 +146,15 @@ class _Uploader:
         upload_id, listed = self._find_resumable()
         try:
             return self._upload(upload_id, listed)
+        except PermanentError as exc:
+            if not _no_such_upload(exc):
+                raise
+            # A concurrent run for the same file completed (or aborted) the upload we
+            # were adding parts to: accept its object if it matches, else start over.
+            log.info(
+                "upload of s3://%s/%s vanished; checking the object", self.t.bucket, self.t.key
+            )
+            return self._existing_object() or self._upload(None, {})
         except _StaleUpload as why:
             assert upload_id is not None
             log.warning(
@@ -360,8 +369,6 @@ class _Uploader:
         return str(response["UploadId"])
 
     def _complete(self, upload_id: str, etags: list[str]) -> str:
-        from botocore.exceptions import ClientError
-
         expected = multipart_etag(etags)
         body = {"Parts": [{"PartNumber": i + 1, "ETag": f'"{e}"'} for i, e in enumerate(etags)]}
         try:
@@ -375,9 +382,9 @@ class _Uploader:
                 ),
             )
         except PermanentError as exc:
-            # A concurrent run for the same file may have completed this very upload.
-            cause = exc.__cause__
-            if not (isinstance(cause, ClientError) and _code(cause) == "NoSuchUpload"):
+            # A concurrent run for the same file (or our own retried request) may have
+            # completed this very upload; the HEAD below decides.
+            if not _no_such_upload(exc):
                 raise
         head = self._head()
         if head is None or head.get("ContentLength") != self.state.size:
@@ -438,8 +445,14 @@ def _translate(exc: Exception, target: UploadTarget) -> Exception:
     return TransientError(message) if is_transient(exc) else PermanentError(message)
 
 
-def _code(exc: Any) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+def _no_such_upload(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    cause = exc.__cause__
+    return (
+        isinstance(cause, ClientError)
+        and cause.response.get("Error", {}).get("Code") == "NoSuchUpload"
+    )
 
 
 def _strip(etag: str) -> str:

@@ -97,6 +97,31 @@ def test_concurrent_runs_enqueue_once(
     assert len(_queue(redis_client, queue_name)) == 1
 
 
+def test_second_run_completing_the_upload_first_is_accepted(
+    stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str, redis_client: Any,
+    queue_name: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    path = write_tar(tmp_path / "two.tar", 25 * MiB)
+    args = ["transfer", "upload", str(path), "--batch-id", "two", "--part-size", "5MiB",
+            "--concurrency", "1"]  # fmt: skip
+    with fault_proxy(stagerd_env["S3_ENDPOINT"], rate=5 * MiB) as proxy:
+        slow = _spawn(args, {**stagerd_env, "S3_ENDPOINT": proxy.endpoint})
+        _wait_for_parts(s3_client, s3_bucket, "archives/two.tar", at_least=2)
+        fast = _spawn(args, stagerd_env)  # resumes the slow run's upload and completes it
+        fast_out, fast_err = fast.communicate(timeout=120)
+        slow_out, slow_err = slow.communicate(timeout=120)
+    assert fast.returncode == 0, fast_err
+    assert slow.returncode == 0, slow_err
+    # Which path the slow run takes depends on the server (AWS/Swift forget a completed
+    # upload, so it sees NoSuchUpload and verifies the object; SeaweedFS still accepts parts).
+    fast_json, slow_json = json.loads(fast_out), json.loads(slow_out)
+    assert fast_json["resumed_bytes"] >= 2 * 5 * MiB
+    assert [fast_json["enqueued"], slow_json["enqueued"]].count(True) == 1
+    body = s3_client.get_object(Bucket=s3_bucket, Key="archives/two.tar")["Body"].read()
+    assert body == path.read_bytes()
+    assert len(_queue(redis_client, queue_name)) == 1
+
+
 def test_resume_after_sigkill_resends_at_most_missing_plus_in_flight(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, tmp_path: Path,

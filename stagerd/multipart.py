@@ -20,16 +20,28 @@ Contract of :func:`upload_file`:
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from stagerd.errors import PermanentError, TransientError
+from stagerd.errors import PermanentError
 from stagerd.log import get_logger
+from stagerd.multipart_types import (
+    PART_SIZE_META,
+    FileState,
+    ListedPart,
+    StaleUpload,
+    UploadInterrupted,
+    UploadOptions,
+    UploadResult,
+    UploadTarget,
+    either,
+    no_such_upload,
+    strip_etag,
+    translate,
+)
 from stagerd.partio import (
     FileSlice,
     Part,
@@ -39,72 +51,18 @@ from stagerd.partio import (
     split_parts,
 )
 from stagerd.progress import NullProgress, Progress
-from stagerd.retry import RetryPolicy, is_transient
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
 
 T = TypeVar("T")
+__all__ = [
+    "PART_SIZE_META",
+    "UploadInterrupted",
+    "UploadOptions",
+    "UploadResult",
+    "UploadTarget",
+    "upload_file",
+]
+
 log = get_logger(__name__)
-PART_SIZE_META = "stagerd-part-size"
-
-
-class UploadInterrupted(TransientError):
-    """The upload was stopped (shutdown); the parts sent so far stay in S3 for a resume."""
-
-
-class _StaleUpload(Exception):
-    """An in-progress upload whose parts do not match the local file."""
-
-
-@dataclass(frozen=True)
-class UploadTarget:
-    """Where the file goes. *endpoint* is only used in messages."""
-
-    client: S3Client
-    bucket: str
-    key: str
-    endpoint: str
-
-
-@dataclass(frozen=True)
-class UploadOptions:
-    part_size: int = 64 * 1024**2
-    concurrency: int = 8
-    max_parts: int = 1000
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    force: bool = False  # re-send even if the object is already complete and matching
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    size: int
-    sha256: str
-    etag: str
-    parts: int
-    part_size: int
-    uploaded_bytes: int  # sent by this run
-    resumed_bytes: int  # already in S3, verified, not re-sent
-    already_complete: bool  # the object was there and matched: nothing was uploaded
-
-
-@dataclass(frozen=True)
-class _FileState:
-    size: int
-    mtime_ns: int
-    inode: int
-
-    @classmethod
-    def of(cls, path: Path) -> _FileState:
-        st = os.stat(path)
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@dataclass(frozen=True)
-class _Listed:
-    size: int
-    etag: str
 
 
 def upload_file(
@@ -134,7 +92,7 @@ class _Uploader:
         self.opts = options
         self.stop = stop
         self.progress: Progress = progress or NullProgress()
-        self.state = _FileState.of(path)
+        self.state = FileState.of(path)
         self.part_size = plan_part_size(self.state.size, options.part_size, options.max_parts)
         self.parts = split_parts(self.state.size, self.part_size)
 
@@ -147,7 +105,7 @@ class _Uploader:
         try:
             return self._upload(upload_id, listed)
         except PermanentError as exc:
-            if not _no_such_upload(exc):
+            if not no_such_upload(exc):
                 raise
             # A concurrent run for the same file completed (or aborted) the upload we
             # were adding parts to: accept its object if it matches, else start over.
@@ -155,7 +113,7 @@ class _Uploader:
                 "upload of s3://%s/%s vanished; checking the object", self.t.bucket, self.t.key
             )
             return self._existing_object() or self._upload(None, {})
-        except _StaleUpload as why:
+        except StaleUpload as why:
             assert upload_id is not None
             log.warning(
                 "aborting stale upload of s3://%s/%s: %s; starting clean",
@@ -184,7 +142,7 @@ class _Uploader:
                 self._check_stop()
                 md5s.append(hasher.read_part(part, md5=True) or "")
             sha256 = hasher.sha256()
-        etag = _strip(head.get("ETag", ""))
+        etag = strip_etag(head.get("ETag", ""))
         if etag != multipart_etag(md5s):
             log.info("s3://%s/%s exists but differs from the file", self.t.bucket, self.t.key)
             return None
@@ -216,7 +174,7 @@ class _Uploader:
 
     # -- finding an interrupted upload --------------------------------------------------
 
-    def _find_resumable(self) -> tuple[str | None, dict[int, _Listed]]:
+    def _find_resumable(self) -> tuple[str | None, dict[int, ListedPart]]:
         def newest() -> dict[str, Any] | None:
             pages = self.t.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.t.bucket, Prefix=self.t.key
@@ -231,12 +189,12 @@ class _Uploader:
             return None, {}
         upload_id = str(upload["UploadId"])
 
-        def parts() -> dict[int, _Listed]:
+        def parts() -> dict[int, ListedPart]:
             pages = self.t.client.get_paginator("list_parts").paginate(
                 Bucket=self.t.bucket, Key=self.t.key, UploadId=upload_id
             )
             return {
-                int(p["PartNumber"]): _Listed(int(p["Size"]), _strip(p["ETag"]))
+                int(p["PartNumber"]): ListedPart(int(p["Size"]), strip_etag(p["ETag"]))
                 for page in pages
                 for p in page.get("Parts", [])
             }
@@ -253,13 +211,13 @@ class _Uploader:
 
     # -- the upload itself --------------------------------------------------------------
 
-    def _upload(self, upload_id: str | None, listed: dict[int, _Listed]) -> UploadResult:
+    def _upload(self, upload_id: str | None, listed: dict[int, ListedPart]) -> UploadResult:
         if any(n > len(self.parts) for n in listed):
-            raise _StaleUpload("it has more parts than the file")
+            raise StaleUpload("it has more parts than the file")
         if upload_id is None:
             upload_id = self._create()
         etags, resumed, sha256 = self._send_parts(upload_id, listed)
-        if _FileState.of(self.path) != self.state:
+        if FileState.of(self.path) != self.state:
             self._abort(upload_id)
             raise PermanentError(f"{self.path} changed while it was being uploaded; not completed")
         ordered = [etags[p.number] for p in self.parts]
@@ -276,7 +234,7 @@ class _Uploader:
         )
 
     def _send_parts(
-        self, upload_id: str, listed: dict[int, _Listed]
+        self, upload_id: str, listed: dict[int, ListedPart]
     ) -> tuple[dict[int, str], int, str]:
         """Hash every part in order; skip verified listed parts, send the others."""
         etags: dict[int, str] = {}
@@ -292,7 +250,7 @@ class _Uploader:
                     md5 = hasher.read_part(part, md5=have is not None)
                     if have is not None:
                         if have.size != part.length or have.etag != md5:
-                            raise _StaleUpload(f"part {part.number} differs from the file")
+                            raise StaleUpload(f"part {part.number} differs from the file")
                         etags[part.number] = have.etag
                         resumed += part.length
                         self.progress.advance(part.length)
@@ -334,7 +292,7 @@ class _Uploader:
         self, upload_id: str, part: Part, cancel: threading.Event, slots: threading.Semaphore
     ) -> tuple[int, str]:
         try:
-            cancelled = _either(cancel, self.stop)
+            cancelled = either(cancel, self.stop)
             with FileSlice(self.path, part.offset, part.length, cancelled) as body:
 
                 def send() -> str:
@@ -347,7 +305,7 @@ class _Uploader:
                         Body=body,  # type: ignore[arg-type]
                         ContentLength=part.length,
                     )
-                    return _strip(response["ETag"])
+                    return strip_etag(response["ETag"])
 
                 etag = self._call(f"UploadPart {part.number}/{len(self.parts)}", send)
         finally:
@@ -384,7 +342,7 @@ class _Uploader:
         except PermanentError as exc:
             # A concurrent run for the same file (or our own retried request) may have
             # completed this very upload; the HEAD below decides.
-            if not _no_such_upload(exc):
+            if not no_such_upload(exc):
                 raise
         head = self._head()
         if head is None or head.get("ContentLength") != self.state.size:
@@ -392,7 +350,7 @@ class _Uploader:
                 f"s3://{self.t.bucket}/{self.t.key}: object size after upload is "
                 f"{None if head is None else head.get('ContentLength')}, expected {self.state.size}"
             )
-        etag = _strip(head.get("ETag", ""))
+        etag = strip_etag(head.get("ETag", ""))
         if "-" in etag and etag != expected:
             raise PermanentError(
                 f"s3://{self.t.bucket}/{self.t.key}: ETag {etag} after upload, expected {expected}"
@@ -420,40 +378,7 @@ class _Uploader:
         try:
             return self.opts.policy.call(fn, what=f"S3 {what}", stop=self.stop)
         except Exception as exc:
-            translated = _translate(exc, self.t)
+            translated = translate(exc, self.t)
             if translated is exc:
                 raise
             raise translated from exc
-
-
-def _either(a: threading.Event, b: threading.Event) -> Callable[[], bool]:
-    return lambda: a.is_set() or b.is_set()
-
-
-def _translate(exc: Exception, target: UploadTarget) -> Exception:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from stagerd.errors import StagerdError
-    from stagerd.partio import Cancelled
-    from stagerd.s3 import describe_client_error
-
-    if isinstance(exc, (StagerdError, Cancelled, _StaleUpload)):
-        return exc
-    if not isinstance(exc, (ClientError, BotoCoreError, OSError)):
-        return exc
-    message = describe_client_error(exc, target.bucket, target.endpoint)
-    return TransientError(message) if is_transient(exc) else PermanentError(message)
-
-
-def _no_such_upload(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError
-
-    cause = exc.__cause__
-    return (
-        isinstance(cause, ClientError)
-        and cause.response.get("Error", {}).get("Code") == "NoSuchUpload"
-    )
-
-
-def _strip(etag: str) -> str:
-    return etag.strip().strip('"')

@@ -15,12 +15,11 @@ from dataclasses import asdict
 
 
 def main(argv: list[str]) -> None:
-    from stagerd.scratch import ScratchManager
-    from stagerd.stage import head_archive, stage_batch
-
     from stagerd.config import Settings
     from stagerd.job import Job
     from stagerd.s3 import get_s3_client
+    from stagerd.scratch import ScratchManager
+    from stagerd.stage import head_archive, stage_batch
 
     batch_id, sha256 = argv[0], argv[1]
     keep = "--keep-archive" in argv

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.context import STAGERD_ROOT, sync_disks
+from bench.context import STAGERD_ROOT, BenchContext, sync_disks
 from bench.measure import Sample, run_measured
 from bench.model import RunFailed
 from bench.peers import Command
@@ -56,10 +56,10 @@ def with_extra(sample: Sample, **extra: Any) -> Sample:
     )
 
 
-def clear(path: Path) -> None:
+def clear(ctx: BenchContext, path: Path) -> None:
     """Remove a run's output and flush the disk, outside the timed region."""
     shutil.rmtree(path, ignore_errors=True)
-    sync_disks()
+    sync_disks(ctx)
 
 
 def dir_stats(path: Path) -> tuple[int, int]:

@@ -134,10 +134,11 @@ def _ledger(ctx: BenchContext, prefix: str) -> list[dict[str, Any]]:
 
 
 def _calibrate(ctx: BenchContext, bucket: str, archive: data.Archive) -> float:
-    _, prefix, _ = _run_gpu(ctx, bucket, archive, 0, 0.0, 2)
+    count = 1 if ctx.quick else 2
+    _, prefix, _ = _run_gpu(ctx, bucket, archive, 0, 0.0, count)
     rows = _ledger(ctx, prefix)
     stages = [float(r["stage_seconds"]) for r in rows if r["stage_seconds"] is not None]
-    if len(stages) != 2:
+    if len(stages) != count:
         raise RunFailed(f"calibration: ledger rows {rows}")
     return statistics.median(stages)
 

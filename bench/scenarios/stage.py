@@ -94,13 +94,13 @@ def _stagerd(
         scratch = ctx.fresh_dir("stage-stagerd")
         env = ctx.stagerd_env(bucket, scratch)
         cmd = Command([ctx.python, "-m", "bench.stage_runner", batch, archive.sha256], env)
-        sync_disks()
+        sync_disks(ctx)
         sample, out = run_command(cmd, scratch=[scratch])
         _expect(scratch / batch / "input", archive)
         # What the members occupy on disk once extracted (blocks, not lengths: 10,000 2 KiB
         # files take 4 KiB each), the floor any staging must reach.
         allocated = tree_bytes(scratch / batch / "input")
-        clear(scratch)
+        clear(ctx, scratch)
         report = last_json(out)
         return with_extra(
             sample,
@@ -117,11 +117,11 @@ def _peer(
 ) -> Callable[[int], Sample]:
     def once(_round: int) -> Sample:
         scratch = ctx.fresh_dir("stage-peer")
-        sync_disks()
+        sync_disks(ctx)
         sample, _ = run_command(build(scratch), scratch=[scratch])
         naive_input = scratch / "input"
         _expect(naive_input if naive_input.exists() else scratch, archive)
-        clear(scratch)
+        clear(ctx, scratch)
         return sample
 
     return once

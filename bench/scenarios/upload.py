@@ -66,7 +66,7 @@ def _stagerd(ctx: BenchContext, archive: Archive) -> Sample:
         scratch = ctx.fresh_dir("upload-scratch")
         argv = ctx.stagerd("transfer", "upload", str(archive.path), "--batch-id", batch)
         cmd = Command([*argv, "--no-enqueue"], ctx.stagerd_env(bucket, scratch))
-        sync_disks()
+        sync_disks(ctx)
         sample, out = run_command(cmd)
         _verify(ctx, bucket, f"archives/{batch}.tar", archive)
     report = last_json(out)
@@ -79,7 +79,7 @@ def _peer_runner(ctx: BenchContext, archive: Archive, build: Uploader) -> Callab
         key = f"archives/bench-{uuid.uuid4().hex[:8]}.tar"
         with ctx.bucket("up") as bucket:
             cmd = build(ctx, archive.path, bucket, key)
-            sync_disks()
+            sync_disks(ctx)
             sample, _ = run_command(cmd)
             _verify(ctx, bucket, key, archive)
         return sample

@@ -35,6 +35,29 @@ class S3Server:
     endpoint: str
     access_key: str = DEV_ACCESS_KEY
     secret_key: str = DEV_SECRET_KEY
+    version: str = ""  # when the starter reports it (build/swift.sh does)
+    start_with: str = "build/services.sh"
+
+
+def _swift_server(name: str, prefix: str) -> S3Server:
+    """A Swift all-in-one of build/swift.sh: from ``$PREFIX...`` or the state file it writes."""
+    state = Path(os.environ.get("STAGERD_SWIFT_DIR", "/tmp/stagerd-swift")) / f"{name}.env"
+    found: dict[str, str] = {}
+    if state.is_file():
+        for line in state.read_text().splitlines():
+            key, sep, value = line.removeprefix("export ").partition("=")
+            if sep:
+                found[key] = value
+    found.update({k: v for k, v in os.environ.items() if k.startswith(prefix)})
+    return S3Server(
+        name,
+        # Port 0 never answers: a Swift that is not running fails loudly when requested.
+        found.get(prefix, "http://127.0.0.1:0"),
+        found.get(f"{prefix}_ACCESS_KEY", "test:tester"),
+        found.get(f"{prefix}_SECRET_KEY", "testing"),
+        found.get(f"{prefix}_VERSION", ""),
+        start_with=f"build/swift.sh start {'old' if name == 'swift-old' else 'current'}",
+    )
 
 
 S3_SERVERS = {
@@ -42,7 +65,10 @@ S3_SERVERS = {
         "seaweedfs", os.environ.get("STAGERD_TEST_SEAWEEDFS", "http://127.0.0.1:8333")
     ),
     "moto": S3Server("moto", os.environ.get("STAGERD_TEST_MOTO", "http://127.0.0.1:5055")),
+    "swift": _swift_server("swift", "STAGERD_TEST_SWIFT"),
+    "swift-old": _swift_server("swift-old", "STAGERD_TEST_SWIFT_OLD"),
 }
+DEFAULT_INTEROP_SERVERS = "seaweedfs,moto"
 REDIS_URL = os.environ.get("STAGERD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get(
     "STAGERD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -60,11 +86,69 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _require(url: str, what: str) -> None:
+def _require(url: str, what: str, start_with: str = "build/services.sh") -> None:
     if not _reachable(url):
-        pytest.fail(
-            f"{what} is not reachable at {url}: start it with build/services.sh", pytrace=False
-        )
+        pytest.fail(f"{what} is not reachable at {url}: start it with {start_with}", pytrace=False)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--s3-servers",
+        default=None,
+        help="comma-separated S3 servers that tests marked interop run against "
+        f"({', '.join(S3_SERVERS)}); default $STAGERD_TEST_S3_SERVERS or {DEFAULT_INTEROP_SERVERS}",
+    )
+
+
+def interop_servers(config: pytest.Config) -> list[str]:
+    """The servers of the interop matrix: --s3-servers, $STAGERD_TEST_S3_SERVERS or default."""
+    raw = (
+        config.getoption("--s3-servers")
+        or os.environ.get("STAGERD_TEST_S3_SERVERS")
+        or DEFAULT_INTEROP_SERVERS
+    )
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in S3_SERVERS]
+    if unknown or not names:
+        raise pytest.UsageError(f"unknown S3 servers {unknown}; known: {', '.join(S3_SERVERS)}")
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests marked interop run once per server of the matrix; a requested server that is
+    # not running fails (s3_server's _require), it is never skipped.
+    if "s3_server" in metafunc.fixturenames and metafunc.definition.get_closest_marker("interop"):
+        metafunc.parametrize("s3_server", interop_servers(metafunc.config), indirect=True)
+
+
+INTEROP_FINDINGS = pytest.StashKey[dict[str, dict[str, str]]]()
+
+
+@pytest.fixture
+def interop_record(request: pytest.FixtureRequest) -> Callable[[str, str, object], None]:
+    """``record(server, what, value)``: a finding shown in the run's summary (and written as
+    JSON to $STAGERD_INTEROP_REPORT when set)."""
+    findings = request.config.stash.setdefault(INTEROP_FINDINGS, {})
+
+    def record(server: str, what: str, value: object) -> None:
+        findings.setdefault(server, {})[what] = str(value)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    findings = config.stash.get(INTEROP_FINDINGS, {})
+    if not findings:
+        return
+    terminalreporter.section("S3 interop findings")
+    for server, found in sorted(findings.items()):
+        for what, value in sorted(found.items()):
+            terminalreporter.write_line(f"{server:10} {what:28} {value}")
+    report = os.environ.get("STAGERD_INTEROP_REPORT")
+    if report:
+        import json
+
+        Path(report).write_text(json.dumps(findings, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture
@@ -110,11 +194,12 @@ def empty_and_delete_bucket(client: Any, bucket: str) -> None:
         pass
 
 
-@pytest.fixture(params=["seaweedfs"])
+@pytest.fixture
 def s3_server(request: pytest.FixtureRequest) -> S3Server:
-    """The S3 server under test (parametrise indirectly to run against others)."""
-    server = S3_SERVERS[request.param]
-    _require(server.endpoint, f"S3 server {server.name}")
+    """The S3 server under test: SeaweedFS, or each of the matrix for tests marked interop
+    (or parametrise indirectly to pick one)."""
+    server = S3_SERVERS[getattr(request, "param", "seaweedfs")]
+    _require(server.endpoint, f"S3 server {server.name}", server.start_with)
     return server
 
 

@@ -339,3 +339,31 @@ def run_cli() -> CliRunner:
         )
 
     return run
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[Any]:
+    """A private redis-server (durable AOF) on a free port: stop/kill/start/restart freely."""
+    from tests.restartable import RedisServer
+
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def restartable_postgres(tmp_path: Path) -> Iterator[Any]:
+    """A private PostgreSQL cluster on a free port (trust): stop/start/restart freely."""
+    from tests.restartable import PostgresServer
+
+    with PostgresServer(tmp_path / "pg") as server:
+        yield server
+
+
+@pytest.fixture
+def fault_proxy(s3_server: S3Server) -> Iterator[Any]:
+    """A FaultProxy (tests/faultproxy.py) in front of the S3 server under test, injecting
+    nothing until ``configure(rate=...)``; point S3_ENDPOINT at ``fault_proxy.endpoint``."""
+    from tests.faultproxy import FaultProxy
+
+    with FaultProxy(s3_server.endpoint, seed=int(os.environ.get("STAGERD_FAULT_SEED", "1"))) as p:
+        yield p

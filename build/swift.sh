@@ -33,8 +33,10 @@ else
 fi
 python="${PYTHON:-python3}"
 # Old Swift releases import eventlet, which warns loudly on every start; keep output readable.
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::DeprecationWarning}"
-servers=(account container object proxy)
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+# Process names and the app each runs; proxy-tls is the same proxy again, over HTTPS.
+servers=(account container object proxy proxy-tls)
+apps=(account-server container-server object-server proxy-server proxy-server)
 
 log() { printf 'swift: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -113,8 +115,8 @@ for s in socks:
 EOF
 }
 
-healthy() { # port
-    curl -fsS -m 2 -o /dev/null "http://127.0.0.1:$1/healthcheck" 2>/dev/null
+healthy() { # port [https]
+    curl -fsSk -m 2 -o /dev/null "${2:-http}://127.0.0.1:$1/healthcheck" 2>/dev/null
 }
 
 pid_alive() { # pidfile -> whether it names a live launch.py of ours
@@ -133,11 +135,14 @@ running() { # name -> 0 if every server of this instance is alive and the proxy 
     healthy "$port"
 }
 
-render() { # template out: fill in the @VARS@ of a config template
-    sed -e "s|@ETC@|$etc|g" -e "s|@DEVICES@|$data/srv|g" -e "s|@USER@|$(id -un)|g" \
+render() { # template out [port] [tls]: fill in the @VARS@ of a config template
+    local cert="# cert_file: none, plain HTTP" key="# key_file: none"
+    if [ -n "${4:-}" ]; then cert="cert_file = $etc/tls.crt"; key="key_file = $etc/tls.key"; fi
+    sed -e "s|@ETC@|$etc|g" -e "s|@CERT_FILE@|$cert|" -e "s|@KEY_FILE@|$key|" \
+        -e "s|@DEVICES@|$data/srv|g" -e "s|@USER@|$(id -un)|g" \
         -e "s|@MEMCACHE@|${STAGERD_SWIFT_MEMCACHE:-127.0.0.1:1}|g" \
         -e "s|@LOG_LEVEL@|${STAGERD_SWIFT_LOG_LEVEL:-INFO}|g" \
-        -e "s|@PROXY_PORT@|${ports[3]}|g" -e "s|@ACCOUNT_PORT@|${ports[0]}|g" \
+        -e "s|@PROXY_PORT@|${3:-${ports[3]}}|g" -e "s|@ACCOUNT_PORT@|${ports[0]}|g" \
         -e "s|@CONTAINER_PORT@|${ports[1]}|g" -e "s|@OBJECT_PORT@|${ports[2]}|g" "$1" >"$2"
 }
 
@@ -155,9 +160,10 @@ build_rings() { # venv
 }
 
 wait_healthy() { # port server seconds
-    local i
+    local i scheme=http
+    [ "$2" != proxy-tls ] || scheme=https
     for ((i = 0; i < $3 * 10; i++)); do
-        healthy "$1" && return 0
+        healthy "$1" "$scheme" && return 0
         sleep 0.1
     done
     return 1
@@ -173,19 +179,21 @@ start() { # name
     etc="$data/etc"
     rm -rf "$data/etc" "$data/srv" "$data/run" "$data/log"
     mkdir -p "$etc" "$data/srv/d1" "$data/run" "$data/log"
-    mapfile -t ports < <(free_ports 4)
+    mapfile -t ports < <(free_ports 5)
     cp "$templates/swift.conf.in" "$etc/swift.conf"
-    for server in "${servers[@]}"; do
+    make_cert
+    for server in account container object proxy; do
         render "$templates/$server-server.conf.in" "$etc/$server-server.conf"
     done
+    render "$templates/proxy-server.conf.in" "$etc/proxy-tls-server.conf" "${ports[4]}" tls
     build_rings "$venv"
-    for i in 0 1 2 3; do
+    for i in 0 1 2 3 4; do
         server="${servers[$i]}"
-        nohup "$venv/bin/python" "$templates/launch.py" "$etc/swift.conf" "$server-server" \
+        nohup "$venv/bin/python" "$templates/launch.py" "$etc/swift.conf" "${apps[$i]}" \
             "$etc/$server-server.conf" -v >"$data/log/$server.log" 2>&1 &
         echo $! >"$data/run/$server.pid"
     done
-    for i in 0 1 2 3; do
+    for i in 0 1 2 3 4; do
         server="${servers[$i]}"
         if ! wait_healthy "${ports[$i]}" "$server" 30; then
             tail -n 30 "$data/log/$server.log" >&2 || true
@@ -193,12 +201,19 @@ start() { # name
             die "$name $server (swift $version) did not answer on port ${ports[$i]} within 30 s"
         fi
     done
-    write_env "$name" "$version" "${ports[3]}" "$data"
+    write_env "$name" "$version" "${ports[3]}" "$data" "${ports[4]}"
     log "$name: swift $version up (proxy :${ports[3]}, logs $data/log)"
     print_env "$name"
 }
 
-write_env() { # name version proxy_port data
+make_cert() { # a self-signed certificate for 127.0.0.1, for proxy-tls
+    command -v openssl >/dev/null || apt_install openssl
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=127.0.0.1" \
+        -addext "subjectAltName=IP:127.0.0.1" \
+        -keyout "$etc/tls.key" -out "$etc/tls.crt" >/dev/null 2>&1
+}
+
+write_env() { # name version proxy_port data tls_port
     local prefix
     prefix="$(env_prefix "$1")"
     mkdir -p "$state_root"
@@ -209,6 +224,8 @@ write_env() { # name version proxy_port data
         echo "export ${prefix}_ACCESS_KEY=test:tester"
         echo "export ${prefix}_SECRET_KEY=testing"
         echo "export ${prefix}_VERSION=$2"
+        echo "export ${prefix}_TLS=https://127.0.0.1:$5"
+        echo "export ${prefix}_CA=$4/etc/tls.crt"
     } >"$state_root/$1.env"
 }
 

@@ -37,6 +37,8 @@ class S3Server:
     secret_key: str = DEV_SECRET_KEY
     version: str = ""  # when the starter reports it (build/swift.sh does)
     start_with: str = "build/services.sh"
+    tls_endpoint: str = ""  # the same server over HTTPS, where there is one
+    ca_bundle: str = ""  # the certificate that endpoint's clients trust
 
 
 def _swift_server(name: str, prefix: str) -> S3Server:
@@ -49,6 +51,8 @@ def _swift_server(name: str, prefix: str) -> S3Server:
             if sep:
                 found[key] = value
     found.update({k: v for k, v in os.environ.items() if k.startswith(prefix)})
+    if f"{prefix}_TLS" not in os.environ and prefix in os.environ:
+        found.pop(f"{prefix}_TLS", None)  # an endpoint from the env: the file is someone else's
     return S3Server(
         name,
         # Port 0 never answers: a Swift that is not running fails loudly when requested.
@@ -57,6 +61,8 @@ def _swift_server(name: str, prefix: str) -> S3Server:
         found.get(f"{prefix}_SECRET_KEY", "testing"),
         found.get(f"{prefix}_VERSION", ""),
         start_with=f"build/swift.sh start {'old' if name == 'swift-old' else 'current'}",
+        tls_endpoint=found.get(f"{prefix}_TLS", ""),
+        ca_bundle=found.get(f"{prefix}_CA", ""),
     )
 
 

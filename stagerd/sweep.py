@@ -93,30 +93,26 @@ def sweep_scratch(
 
     Never raises for one bad entry: it lands in ``errors`` and the sweep goes on.
     """
-    out = _Tally()
-    clock = time.time() if now is None else now
     root_fd = os.open(root, _ROOT_FLAGS)
     try:
-        device = os.fstat(root_fd).st_dev
-        with os.scandir(root_fd) as entries:
-            names = [e.name for e in entries if e.name != STATE_DIR]
-        for name in names:
+        sweep = _Sweep(
+            root=str(root),
+            root_fd=root_fd,
+            device=os.fstat(root_fd).st_dev,
+            min_age=min_age,
+            dry_run=dry_run,
+            now=time.time() if now is None else now,
+        )
+        with os.scandir(root_fd) as it:
+            entries = [e for e in it if e.name != STATE_DIR]
+        for entry in entries:
             try:
-                _sweep_entry(root, root_fd, device, name, min_age, dry_run, clock, out)
+                sweep.entry(entry)
             except OSError as exc:
-                out.errors.append(f"scratch {root / name}: {exc.strerror or exc}")
+                sweep.errors.append(f"scratch {sweep.root}/{entry.name}: {exc.strerror or exc}")
     finally:
         os.close(root_fd)
-    return SweepResult(out.removed, out.freed, out.kept_locked, out.young, out.errors)
-
-
-@dataclass
-class _Tally:
-    removed: list[str] = field(default_factory=list)
-    kept_locked: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    freed: int = 0
-    young: int = 0
+    return SweepResult(sweep.removed, sweep.freed, sweep.kept_locked, sweep.young, sweep.errors)
 
 
 def _kind(st: os.stat_result) -> str:
@@ -129,48 +125,60 @@ def _kind(st: os.stat_result) -> str:
     return "other"
 
 
-def _sweep_entry(
-    root: Path,
-    root_fd: int,
-    device: int,
-    name: str,
-    min_age: float,
-    dry_run: bool,
-    now: float,
-    out: _Tally,
-) -> None:
-    try:
-        st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return  # released by its owner meanwhile
-    kind = _kind(st)
-    if st.st_dev != device:
-        out.errors.append(f"scratch {root / name}: a mount point; not touching it")
-        return
-    fd = None
-    if kind in ("dir", "file"):
+@dataclass
+class _Sweep:
+    """One sweep's fixed inputs and running tally."""
+
+    root: str
+    root_fd: int
+    device: int
+    min_age: float
+    dry_run: bool
+    now: float
+    removed: list[str] = field(default_factory=list)
+    kept_locked: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    freed: int = 0
+    young: int = 0
+
+    def entry(self, entry: os.DirEntry[str]) -> None:
+        name = entry.name
+        fd = None
+        # d_type from readdir, no syscall: only directories and regular files are opened
+        # (opening a device node can have side effects; a symlink cannot carry a lock).
+        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+            try:
+                fd = try_lock_entry(name, self.root_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                return  # released by its owner meanwhile
+            if fd is None:
+                self.kept_locked.append(f"{self.root}/{name}")
+                return
         try:
-            fd = try_lock_entry(name, root_fd)
-        except FileNotFoundError:
-            return
-        if fd is None:
-            out.kept_locked.append(str(root / name))
-            return
-    try:
-        if fd is not None and (os.fstat(fd).st_ino != st.st_ino):
-            return  # replaced since we looked: judge it next run
-        age = now - max(st.st_mtime, st.st_ctime)
-        action = decide(EntryFacts(name, kind, False, age), min_age)
-        if action == KEEP_YOUNG:
-            out.young += 1
-            return
-        if dry_run:
-            freed = fstree.disk_usage(name, root_fd, device)
-        else:
-            freed = fstree.remove_tree(name, root_fd, device, expect=st)
-            log.info("removed stale scratch entry", extra={"path": str(root / name)})
-        out.removed.append(str(root / name))
-        out.freed += freed
-    finally:
+            self._judge(name, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _judge(self, name: str, fd: int | None) -> None:
+        """Decide on an unlocked entry (its lock held in *fd* when it has one) and act."""
+        st = os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)
         if fd is not None:
-            os.close(fd)
+            held = os.fstat(fd)
+            if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+                return  # replaced since we opened it: judge it next run
+        path = f"{self.root}/{name}"
+        if st.st_dev != self.device:
+            self.errors.append(f"scratch {path}: a mount point; not touching it")
+            return
+        age = self.now - max(st.st_mtime, st.st_ctime)
+        if decide(EntryFacts(name, _kind(st), False, age), self.min_age) == KEEP_YOUNG:
+            self.young += 1
+            return
+        if self.dry_run:
+            freed = fstree.disk_usage(name, self.root_fd, self.device)
+        else:
+            freed = fstree.remove_tree(name, self.root_fd, self.device, expect=st)
+            log.info("removed stale scratch entry", extra={"path": path})
+        self.removed.append(path)
+        self.freed += freed

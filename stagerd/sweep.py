@@ -13,6 +13,7 @@ mount point or outside the root is ever touched (see :mod:`stagerd.fstree`).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -109,6 +110,8 @@ def sweep_scratch(
             try:
                 sweep.entry(entry)
             except OSError as exc:
+                if exc.errno == errno.ESTALE:
+                    continue  # replaced under us (a worker reusing the id): next run decides
                 sweep.errors.append(f"scratch {sweep.root}/{entry.name}: {exc.strerror or exc}")
     finally:
         os.close(root_fd)

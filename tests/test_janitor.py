@@ -318,3 +318,47 @@ def test_ledger_marks_dead_workers_batches_requeued(
     with psycopg.connect(database_url) as conn:
         rows = dict(conn.execute("SELECT batch_id, state FROM stagerd_batches").fetchall())
     assert rows == {"b-led": "requeued", "b-live": "processing"}
+
+
+def test_sweeping_beside_busy_workers_never_breaks_them(scratch_dir: Path) -> None:
+    """Workers churn (reusing batch ids, leaving unlocked leftovers) while a janitor sweeps
+    with no minimum age in a loop: no worker ever loses its dir or a file."""
+    import threading
+
+    mgr = ScratchManager(scratch_dir, 100 * MiB, 0, poll_interval=0.005)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    sweeps = [0]
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(30):
+                with mgr.reserve(f"w{n}-{i % 3}", MiB, timeout=30) as res:
+                    (res.path / "input").mkdir()
+                    for j in range(5):
+                        (res.path / "input" / f"{j}.wav").write_bytes(b"\0" * 2048)
+                    assert len(os.listdir(res.path / "input")) == 5
+                if i % 4 == 0:
+                    mgr.reserve(f"w{n}-{i % 3}", MiB, timeout=30).release(remove=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def janitor() -> None:
+        while not stop.is_set():
+            result = sweep_scratch(scratch_dir, min_age=0, now=later())
+            mgr.reclaim_dead()
+            if result.errors:
+                errors.append(AssertionError(result.errors))
+            sweeps[0] += 1
+
+    sweeper = threading.Thread(target=janitor)
+    sweeper.start()
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(120)
+    stop.set()
+    sweeper.join(30)
+    assert errors == [] and sweeps[0] > 0
+    assert mgr.status().reservations == []

@@ -326,3 +326,12 @@ def test_bad_duration_is_a_usage_error(run_cli: Any, env: dict[str, str]) -> Non
     assert result.stderr.strip().splitlines() == [
         "stagerd: error: --min-age: not a duration: 'soon' (examples: 30s, 15m, 24h)"
     ]
+
+
+@pytest.mark.skipif(os.path.lexists("/data/scratch"), reason="this host has a real scratch")
+def test_host_without_scratch_skips_the_local_parts(run_cli: Any, env: dict[str, str]) -> None:
+    """A transfer host: the default /data/scratch does not exist, the rest still runs."""
+    without = {k: v for k, v in env.items() if k != "STAGERD_SCRATCH_DIR"}
+    code, report, stderr = janitor(run_cli, without)
+    assert code == 0, stderr
+    assert report["errors"] == [] and "skipping scratch" in stderr

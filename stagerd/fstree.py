@@ -43,12 +43,16 @@ def _open_subdir(name: str, parent_fd: int, seen: os.stat_result) -> int:
     return fd
 
 
-def _walk(name: str, dir_fd: int, device: int | None) -> Iterator[tuple[int, str, os.stat_result]]:
+def _walk(
+    name: str, dir_fd: int, device: int | None, expect: os.stat_result | None = None
+) -> Iterator[tuple[int, str, os.stat_result]]:
     """Post-order walk yielding (parent_fd, name, lstat) for every entry, *name* itself last.
 
     A yielded directory's children have all been yielded before it (so they may be removed).
     """
     top = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if expect is not None and (top.st_dev, top.st_ino) != (expect.st_dev, expect.st_ino):
+        raise OSError(errno.ESTALE, f"{name!r} was replaced")
     if device is not None and top.st_dev != device:
         raise LeftVolume(errno.EXDEV, f"{name!r} is on another file system")
     if not stat.S_ISDIR(top.st_mode):
@@ -100,15 +104,18 @@ def disk_usage(name: str, dir_fd: int, device: int | None = None) -> int:
     return total
 
 
-def remove_tree(name: str, dir_fd: int, device: int | None = None) -> int:
+def remove_tree(
+    name: str, dir_fd: int, device: int | None = None, expect: os.stat_result | None = None
+) -> int:
     """Remove *name* (a file, a symlink itself, or a whole directory tree); bytes freed.
 
     Never follows a symlink and never crosses into another file system (raises LeftVolume
-    before touching anything below a mount point). Entries that vanish meanwhile are
-    ignored. Raises OSError for anything else (permissions).
+    before touching anything below a mount point). With *expect*, refuses (ESTALE) unless
+    *name* is still that inode (the one the caller locked). Entries that vanish meanwhile
+    are ignored. Raises OSError for anything else (permissions).
     """
     freed = 0
-    for parent, entry, st in _walk(name, dir_fd, device):
+    for parent, entry, st in _walk(name, dir_fd, device, expect):
         try:
             if stat.S_ISDIR(st.st_mode):
                 os.rmdir(entry, dir_fd=parent)

@@ -35,7 +35,7 @@ from stagerd.ids import validate_batch_id
 from stagerd.locks import FileLock
 from stagerd.locks import is_locked as _is_locked
 from stagerd.log import get_logger
-from stagerd.scratch_dirs import STATE_DIR, BatchDirs
+from stagerd.scratch_dirs import STATE_DIR, BatchDirs, DirBusy
 from stagerd.scratch_records import Record, RecordStore
 from stagerd.units import format_size
 
@@ -235,30 +235,35 @@ class ScratchManager:
         self._check_possible(nbytes, 0, batch_id)
         waiter = _Waiter(f"reserve {format_size(nbytes)} for {batch_id}", timeout, stop)
         while True:
-            with self.admission_lock():
-                live = self._live(reclaim=True)
-                why = admission_shortfall(
-                    nbytes,
-                    self.budget,
-                    self.headroom,
-                    self._free(),
-                    [(r.nbytes, w) for r, w in live],
-                )
-                if why is None:
-                    fd = self.dirs.create_locked(batch_id)
-                    record = Record.new(batch_id, nbytes)
-                    self.records.write(record)
-                    log.info(
-                        "scratch reserved",
-                        extra={"batch_id": batch_id, "nbytes": nbytes, "budget": self.budget},
-                    )
-                    return Reservation(self, record, fd)
-            waiter.wait(why, self._poll)
+            outcome = self._try_reserve(batch_id, nbytes)
+            if isinstance(outcome, Reservation):
+                return outcome
+            waiter.wait(outcome, self._poll)
+
+    def _try_reserve(self, batch_id: str, nbytes: int) -> Reservation | str:
+        """One admission attempt: the reservation, or why it must wait."""
+        with self.admission_lock():
+            why = self._shortfall(nbytes, self._alive_records(reclaim=True))
+            if why is not None:
+                return why
+            try:
+                fd = self.dirs.create_locked(batch_id)
+            except DirBusy as exc:
+                # Another process (or a janitor removing a dead owner's leftovers) holds
+                # this batch's dir: worth waiting for, like space.
+                return str(exc)
+            record = Record.new(batch_id, nbytes)
+            self.records.write(record)
+        log.info(
+            "scratch reserved",
+            extra={"batch_id": batch_id, "nbytes": nbytes, "budget": self.budget},
+        )
+        return Reservation(self, record, fd)
 
     def status(self) -> ScratchStatus:
         """Budget, reserved, used and free bytes and the live reservations (changes nothing)."""
         with self.admission_lock():
-            live = self._live(reclaim=False)
+            live = [(r, self.dirs.written(r.batch_id)) for r in self._alive_records(reclaim=False)]
             free = self._free()
         now = time.time()
         return ScratchStatus(
@@ -320,12 +325,26 @@ class ScratchManager:
         vfs = self._statvfs(str(self.root))
         return int(vfs.f_bavail * vfs.f_frsize)
 
-    def _live(self, *, reclaim: bool) -> list[tuple[Record, int]]:
-        """Live reservations with the bytes already written; caller holds admission_lock."""
-        live: list[tuple[Record, int]] = []
+    def _shortfall(self, request: int, live: list[Record]) -> str | None:
+        """Why *request* cannot be admitted now (see admission_shortfall), or None."""
+        free = self._free()
+        # First as if nothing had been written yet: the pessimistic answer is exact for
+        # the budget and, when it admits, right for the disk too. Only a tight disk is
+        # worth walking the live directories to measure what they already hold.
+        why = admission_shortfall(
+            request, self.budget, self.headroom, free, [(r.nbytes, 0) for r in live]
+        )
+        if why is None or sum(r.nbytes for r in live) + request > self.budget:
+            return why
+        measured = [(r.nbytes, self.dirs.written(r.batch_id)) for r in live]
+        return admission_shortfall(request, self.budget, self.headroom, free, measured)
+
+    def _alive_records(self, *, reclaim: bool) -> list[Record]:
+        """Records whose owner holds the dir lock; caller holds admission_lock."""
+        live: list[Record] = []
         for record in self.records.load():
             if self.dirs.alive(record.batch_id):
-                live.append((record, self.dirs.written(record.batch_id)))
+                live.append(record)
             elif reclaim:
                 log.info("reclaimed dead reservation", extra={"batch_id": record.batch_id})
                 self.records.delete(record.batch_id)
@@ -337,8 +356,7 @@ class ScratchManager:
         waiter = _Waiter(f"extend {batch_id} by {format_size(extra)}", timeout, None)
         while True:
             with self.admission_lock():
-                live = [(r.nbytes, w) for r, w in self._live(reclaim=True)]
-                why = admission_shortfall(extra, self.budget, self.headroom, self._free(), live)
+                why = self._shortfall(extra, self._alive_records(reclaim=True))
                 if why is None:
                     total = reservation.nbytes + extra
                     self.records.write(Record.new(batch_id, total, reservation.created))

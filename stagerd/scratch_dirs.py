@@ -25,6 +25,10 @@ STATE_DIR = ".stagerd"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
+class DirBusy(ScratchUnavailable):
+    """``root/{batch_id}`` is locked by another live process."""
+
+
 @contextmanager
 def _dir_fd(path: Path) -> Iterator[int]:
     fd = os.open(path, _DIR_FLAGS)
@@ -73,8 +77,8 @@ class BatchDirs:
     def create_locked(self, batch_id: str) -> int:
         """Create ``root/{batch_id}`` already locked and return the locked fd.
 
-        Whatever a dead owner left there is removed first; raises ScratchUnavailable if a
-        live process holds it.
+        Whatever a dead owner left there is removed first; raises DirBusy if a live process
+        holds it.
         """
         with _dir_fd(self.root) as root_fd, _dir_fd(self.tmp) as tmp_fd:
             self._clear_stale(batch_id, root_fd)
@@ -122,9 +126,7 @@ class BatchDirs:
             return
         fd = try_lock_entry(batch_id, root_fd)
         if fd is None:
-            raise ScratchUnavailable(
-                f"scratch dir for batch {batch_id} is in use by another live process"
-            )
+            raise DirBusy(f"scratch dir for batch {batch_id} is in use by another live process")
         try:
             log.warning("removing scratch dir left by a dead owner", extra={"batch_id": batch_id})
             fstree.remove_tree(batch_id, root_fd, os.fstat(root_fd).st_dev)

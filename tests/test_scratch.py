@@ -358,3 +358,17 @@ def test_sequences_of_reserve_extend_release_match_a_model(
         assert mgr.status().reserved == sum(model.values()) <= 20
     for res in held.values():
         res.release()  # type: ignore[attr-defined]
+
+
+def test_reserve_waits_while_someone_holds_a_leftover_dir(scratch_dir: Path) -> None:
+    """A janitor removing a dead owner's dir holds its lock: reserve waits, then gets in."""
+    leftover = scratch_dir / "b1"
+    leftover.mkdir()
+    (leftover / "old.wav").write_bytes(b"o")
+    fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with pytest.raises(ScratchUnavailable, match="in use"):
+        manager(scratch_dir).reserve("b1", 1)
+    threading.Timer(0.2, os.close, args=(fd,)).start()
+    with manager(scratch_dir).reserve("b1", 1, timeout=10) as res:
+        assert list(res.path.iterdir()) == []

@@ -50,6 +50,8 @@ def is_db_transient(exc: BaseException) -> bool:
 
 # Long enough to ride out a PostgreSQL restart, bounded so a dead database ends the job.
 DB_POLICY = RetryPolicy(attempts=30, base=0.2, max_delay=5.0, total=120.0, classify=is_db_transient)
+# Interactive commands: a person is waiting; fail within seconds with the reason.
+CLI_POLICY = RetryPolicy(attempts=3, base=0.2, max_delay=1.0, total=10.0, classify=is_db_transient)
 
 
 def connect(database_url: str, *, policy: RetryPolicy = DB_POLICY) -> psycopg.Connection[Any]:
@@ -94,20 +96,20 @@ def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
     return {row[0] for row in conn.execute("SELECT version FROM stagerd_schema_migrations")}
 
 
-def pending_migrations(database_url: str) -> list[Migration]:
+def pending_migrations(database_url: str, *, policy: RetryPolicy = CLI_POLICY) -> list[Migration]:
     """Migrations not yet applied (for ``stagerd doctor``). Raises ServiceUnavailable."""
-    with connect(database_url) as conn:
+    with connect(database_url, policy=policy) as conn:
         done = applied_versions(conn)
     return [m for m in load_migrations() if m.version not in done]
 
 
-def migrate(database_url: str) -> list[int]:
+def migrate(database_url: str, *, policy: RetryPolicy = DB_POLICY) -> list[int]:
     """Apply pending migrations in order; returns the versions applied now.
 
     Idempotent and safe to run from many workers at once: the advisory lock serialises
     them and each file is applied with its version row in one transaction.
     """
-    with connect(database_url) as conn:
+    with connect(database_url, policy=policy) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             conn.execute(

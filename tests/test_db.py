@@ -141,3 +141,52 @@ def test_unreachable_database_is_service_unavailable() -> None:
     with pytest.raises(ServiceUnavailable) as info:
         ledger.is_done("x")
     assert "PostgreSQL" in str(info.value)
+
+
+def _env(database_url: str, tmp_path: Any) -> dict[str, str]:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    return {"DATABASE_URL": database_url, "STAGERD_ENV_FILE": str(empty)}
+
+
+def test_cli_migrate_and_results(run_cli: Any, database_url: str, tmp_path: Any) -> None:
+    import json
+
+    env = _env(database_url, tmp_path)
+    first = run_cli(["db", "migrate"], env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "applied migrations: 0001"
+    again = run_cli(["db", "migrate"], env=env)
+    assert again.returncode == 0 and again.stdout.strip() == "schema up to date"
+
+    ledger = db.Ledger(database_url, policy=FAST)
+    ledger.begin("demo-1", "archives/demo-1.tar", worker="w", sha256=None)
+    ledger.commit_results("demo-1", [("a.wav", {"seconds": 1.0})], process_seconds=0.1)
+    ledger.close()
+    shown = run_cli(["db", "results", "demo-1"], env=env)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["state"] == "done" and data["batch_id"] == "demo-1"
+    assert data["results"] == [{"item": "a.wav", "result": {"seconds": 1.0}}]
+
+    missing = run_cli(["db", "results", "nope"], env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "stagerd: error: batch 'nope' is not in the ledger"
+    bad = run_cli(["db", "results", "../x"], env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_cli_without_database_url_exits_2(run_cli: Any, tmp_path: Any) -> None:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = run_cli(["db", "migrate"], env={"STAGERD_ENV_FILE": str(empty)})
+    assert result.returncode == 2
+    assert "DATABASE_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_unreachable_database_is_one_line(run_cli: Any, tmp_path: Any) -> None:
+    env = _env("postgresql://postgres:hunter22@127.0.0.1:1/postgres", tmp_path)
+    result = run_cli(["db", "results", "x"], env=env, timeout=60)
+    assert result.returncode == 1
+    assert "hunter22" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr

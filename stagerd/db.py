@@ -54,13 +54,20 @@ DB_POLICY = RetryPolicy(attempts=30, base=0.2, max_delay=5.0, total=120.0, class
 CLI_POLICY = RetryPolicy(attempts=3, base=0.2, max_delay=1.0, total=10.0, classify=is_db_transient)
 
 
-def connect(database_url: str, *, policy: RetryPolicy = DB_POLICY) -> psycopg.Connection[Any]:
+def connect(
+    database_url: str, *, policy: RetryPolicy = DB_POLICY, application_name: str = "stagerd"
+) -> psycopg.Connection[Any]:
     """An autocommit connection, retried with backoff. Raises ServiceUnavailable."""
     import psycopg
 
     def attempt() -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(database_url, autocommit=True, connect_timeout=10)
+            return psycopg.connect(
+                database_url,
+                autocommit=True,
+                connect_timeout=10,
+                application_name=application_name,
+            )
         except psycopg.OperationalError as exc:
             raise ServiceUnavailable(f"PostgreSQL unreachable: {_first_line(exc)}") from None
 
@@ -179,9 +186,16 @@ _BATCH_COLUMNS = ", ".join(BatchRow.__dataclass_fields__)
 class Ledger:
     """Batch states and results for one worker process; safe to share between threads."""
 
-    def __init__(self, database_url: str, *, policy: RetryPolicy = DB_POLICY) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        policy: RetryPolicy = DB_POLICY,
+        application_name: str = "stagerd",
+    ) -> None:
         self._url = database_url
         self._policy = policy
+        self._application_name = application_name
         self._conn: psycopg.Connection[Any] | None = None
         # One connection, one transaction at a time: slots take turns (calls are short).
         self._lock = threading.Lock()
@@ -374,7 +388,11 @@ class Ledger:
         def attempt() -> T:
             with self._lock:
                 if self._conn is None or self._conn.closed:
-                    self._conn = connect(self._url, policy=RetryPolicy(attempts=1))
+                    self._conn = connect(
+                        self._url,
+                        policy=RetryPolicy(attempts=1),
+                        application_name=self._application_name,
+                    )
                 try:
                     return fn(self._conn)
                 except psycopg.OperationalError as exc:

@@ -135,7 +135,7 @@ def _connect(settings: Settings, options: WorkerOptions) -> tuple[BatchSteps, Re
         settings,
         config,
         queue=queue,
-        ledger=Ledger(database_url),
+        ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}"),
         scratch=ScratchManager.from_settings(settings),
         s3=get_s3_client(settings),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -103,9 +103,13 @@ def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
     return {row[0] for row in conn.execute("SELECT version FROM stagerd_schema_migrations")}
 
 
-def pending_migrations(database_url: str, *, policy: RetryPolicy = CLI_POLICY) -> list[Migration]:
-    """Migrations not yet applied (for ``stagerd doctor``). Raises ServiceUnavailable."""
-    with connect(database_url, policy=policy) as conn:
+def pending_migrations(database_url: str) -> list[Migration]:
+    """Migrations not yet applied (for ``stagerd doctor``: one attempt, no retries).
+
+    Raises psycopg.Error when PostgreSQL cannot be used."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
         done = applied_versions(conn)
     return [m for m in load_migrations() if m.version not in done]
 
@@ -373,6 +377,14 @@ class Ledger:
         )
         return [FailureRow(*row) for row in rows]
 
+    def schema_ready(self) -> bool:
+        """Whether the ledger tables exist (``stagerd db migrate`` ran)."""
+        row = self._run(
+            "ledger read",
+            lambda c: c.execute("SELECT to_regclass('stagerd_failures')").fetchone(),
+        )
+        return row is not None and row[0] is not None
+
     def count_by_state(self) -> dict[str, int]:
         rows = self._run(
             "ledger read",
@@ -426,6 +438,21 @@ def requeue_stale_batches(database_url: str, dead_workers: Sequence[str]) -> lis
             (list(dead_workers),),
         ).fetchall()
     return sorted(row[0] for row in rows)
+
+
+def recent_failures(database_url: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The newest failures as JSON-ready dicts (``stagerd status``); one quick attempt.
+
+    Raises ServiceUnavailable when PostgreSQL is unreachable; an unmigrated database has
+    no failures yet."""
+    ledger = Ledger(database_url, policy=RetryPolicy(attempts=1, classify=is_db_transient))
+    try:
+        if not ledger.schema_ready():
+            return []
+        rows = ledger.recent_failures(limit)
+    finally:
+        ledger.close()
+    return [{**asdict(row), "failed_at": row.failed_at.isoformat()} for row in rows]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -110,6 +110,13 @@ def test_failures_history_and_states(ledger: db.Ledger) -> None:
         ("b3", "requeued"),
     ]
     assert ledger.count_by_state() == {"dead": 1}
+    as_json = db.recent_failures(ledger._url, 2)
+    assert [f["outcome"] for f in as_json] == ["dead", "dead"]
+    assert as_json[1]["batch_id"] == "b3" and isinstance(as_json[1]["failed_at"], str)
+
+
+def test_recent_failures_before_migrate_is_empty(database_url: str) -> None:
+    assert db.recent_failures(database_url) == []
 
 
 def test_requeue_stale_batches(ledger: db.Ledger, database_url: str) -> None:

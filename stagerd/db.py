@@ -1,4 +1,4 @@
-"""The PostgreSQL ledger: versioned migrations, batch states, results, failure history.
+"""The PostgreSQL ledger: batch states, results, failure history (migrations: schema.py).
 
 Contract of the IO edge:
 
@@ -19,13 +19,31 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from stagerd.errors import ServiceUnavailable
 from stagerd.ids import archive_key
 from stagerd.log import get_logger
-from stagerd.retry import RetryPolicy, is_transient
+from stagerd.pg import CLI_POLICY, DB_POLICY, connect, first_line, is_db_transient
+from stagerd.retry import RetryPolicy
+from stagerd.schema import Migration, load_migrations, migrate, pending_migrations
+
+__all__ = [
+    "CLI_POLICY",
+    "DB_POLICY",
+    "STATES",
+    "BatchRow",
+    "FailureRow",
+    "Ledger",
+    "Migration",
+    "connect",
+    "is_db_transient",
+    "load_migrations",
+    "migrate",
+    "pending_migrations",
+    "recent_failures",
+    "requeue_stale_batches",
+]
 
 if TYPE_CHECKING:
     import psycopg
@@ -33,117 +51,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = get_logger(__name__)
 
-# Any 64-bit constant works; it only has to be the same in every stagerd process.
-MIGRATION_LOCK_KEY = 0x57A6E7D0
 STATES = ("queued", "staging", "processing", "done", "failed", "dead", "requeued")
 MAX_ERROR_CHARS = 2000
-
-
-def is_db_transient(exc: BaseException) -> bool:
-    """Transient for the ledger: our own classification plus psycopg's connection errors."""
-    if is_transient(exc):
-        return True
-    import psycopg
-
-    return isinstance(exc, psycopg.OperationalError)
-
-
-# Long enough to ride out a PostgreSQL restart, bounded so a dead database ends the job.
-DB_POLICY = RetryPolicy(attempts=30, base=0.2, max_delay=5.0, total=120.0, classify=is_db_transient)
-# Interactive commands: a person is waiting; fail within seconds with the reason.
-CLI_POLICY = RetryPolicy(attempts=3, base=0.2, max_delay=1.0, total=10.0, classify=is_db_transient)
-
-
-def connect(
-    database_url: str, *, policy: RetryPolicy = DB_POLICY, application_name: str = "stagerd"
-) -> psycopg.Connection[Any]:
-    """An autocommit connection, retried with backoff. Raises ServiceUnavailable."""
-    import psycopg
-
-    def attempt() -> psycopg.Connection[Any]:
-        try:
-            return psycopg.connect(
-                database_url,
-                autocommit=True,
-                connect_timeout=10,
-                application_name=application_name,
-            )
-        except psycopg.OperationalError as exc:
-            raise ServiceUnavailable(f"PostgreSQL unreachable: {_first_line(exc)}") from None
-
-    return policy.call(attempt, what="connect to PostgreSQL")
-
-
-# --- migrations -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def load_migrations() -> list[Migration]:
-    """The packaged ``stagerd/migrations/NNNN_name.sql`` files, in version order."""
-    found = []
-    for entry in (resources.files("stagerd") / "migrations").iterdir():
-        stem, _, ext = entry.name.partition(".")
-        number, _, name = stem.partition("_")
-        if ext == "sql" and number.isdigit():
-            found.append(Migration(int(number), name, entry.read_text(encoding="utf-8")))
-    return sorted(found, key=lambda m: m.version)
-
-
-def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
-    """Versions recorded in ``stagerd_schema_migrations`` (empty before the first migrate)."""
-    exists = conn.execute("SELECT to_regclass('stagerd_schema_migrations')").fetchone()
-    if not exists or exists[0] is None:
-        return set()
-    return {row[0] for row in conn.execute("SELECT version FROM stagerd_schema_migrations")}
-
-
-def pending_migrations(database_url: str) -> list[Migration]:
-    """Migrations not yet applied (for ``stagerd doctor``: one attempt, no retries).
-
-    Raises psycopg.Error when PostgreSQL cannot be used."""
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
-        done = applied_versions(conn)
-    return [m for m in load_migrations() if m.version not in done]
-
-
-def migrate(database_url: str, *, policy: RetryPolicy = DB_POLICY) -> list[int]:
-    """Apply pending migrations in order; returns the versions applied now.
-
-    Idempotent and safe to run from many workers at once: the advisory lock serialises
-    them and each file is applied with its version row in one transaction.
-    """
-    with connect(database_url, policy=policy) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
-        try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS stagerd_schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = applied_versions(conn)
-            applied = []
-            for migration in load_migrations():
-                if migration.version in done:
-                    continue
-                with conn.transaction():
-                    conn.execute(migration.sql.encode())
-                    conn.execute(
-                        "INSERT INTO stagerd_schema_migrations (version, name) VALUES (%s, %s)",
-                        (migration.version, migration.name),
-                    )
-                log.info("applied migration %04d_%s", migration.version, migration.name)
-                applied.append(migration.version)
-            return applied
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
 
 # --- rows -----------------------------------------------------------------------------
@@ -410,7 +319,7 @@ class Ledger:
                 except psycopg.OperationalError as exc:
                     # A broken connection stays broken: drop it so the retry reconnects.
                     self._drop()
-                    raise ServiceUnavailable(f"PostgreSQL: {_first_line(exc)}") from None
+                    raise ServiceUnavailable(f"PostgreSQL: {first_line(exc)}") from None
 
         return self._policy.call(attempt, what=what)
 
@@ -453,8 +362,3 @@ def recent_failures(database_url: str, limit: int = 10) -> list[dict[str, Any]]:
     finally:
         ledger.close()
     return [{**asdict(row), "failed_at": row.failed_at.isoformat()} for row in rows]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

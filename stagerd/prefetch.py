@@ -112,21 +112,23 @@ class Slot:
             while not self._stop.is_set():
                 if not self._tokens.acquire(timeout=0.5):
                     continue
-                if not self._stage_one():
+                outcome = self._stage_one()
+                if outcome != "staged":
                     self._tokens.release()
-                    if self._burst and self._in_flight.count == 0:
-                        break
+                if outcome == "empty" and self._burst and self._in_flight.count == 0:
+                    break
         finally:
             self._requeue_waiting()
             with self._cond:
                 self._stager_done = True
                 self._cond.notify_all()
 
-    def _stage_one(self) -> bool:
-        """Pop and stage one batch; True if it went to the hand-off (token kept)."""
+    def _stage_one(self) -> str:
+        """Pop and stage one batch: "staged" (handed off, token kept), "ended" (the job
+        ended in staging: skipped, failed, requeued) or "empty" (nothing to pop)."""
         delivery = self._steps.pop(self._stop)
         if delivery is None:
-            return False
+            return "empty"
         self._in_flight.add(1)
         staged = None
         try:
@@ -136,13 +138,13 @@ class Slot:
             if staged is None:
                 self._in_flight.add(-1)
         if staged is None:
-            return False
+            return "ended"
         # Before the hand-off, so the processor's "processing" is never overwritten.
         self._steps.set_phase(delivery, "staged")
         with self._cond:
             self._ready.append(staged)
             self._cond.notify_all()
-        return True
+        return "staged"
 
     def _requeue_waiting(self) -> None:
         """On stop: staged batches nobody started go back to the head, order kept."""

@@ -24,7 +24,9 @@ from stagerd.job import Job
 from stagerd.keys import QueueKeys
 
 ROOT = Path(__file__).resolve().parent.parent
-WAVINFO = f"{sys.executable} -m stagerd.samples.wavinfo"
+# The processor child gets a scrubbed copy of the worker's environment; pin PYTHONPATH so
+# it runs this checkout's sample processor, not whatever stagerd the venv resolves to.
+WAVINFO = f"env PYTHONPATH={ROOT} {sys.executable} -m stagerd.samples.wavinfo"
 
 
 def wav(seconds: float, rate: int = 8000) -> bytes:

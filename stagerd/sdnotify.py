@@ -24,6 +24,8 @@ def notify(message: str, *, environ: dict[str, str] | None = None) -> bool:
     target = "\0" + address[1:] if address.startswith("@") else address
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Never block the worker's main loop on a supervisor that stopped reading.
+            sock.setblocking(False)
             sock.sendto(message.encode(), target)
     except OSError as exc:
         log.warning("sd_notify %s failed: %s", message.split("=", maxsplit=1)[0], exc)

@@ -46,3 +46,13 @@ def test_unreachable_socket_is_logged_not_raised(tmp_path: Path) -> None:
     missing = str(tmp_path / "gone.sock")
     assert not os.path.exists(missing)
     assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": missing}) is False
+
+
+def test_a_full_socket_never_blocks(tmp_path: Path) -> None:
+    path = str(tmp_path / "full.sock")
+    with _bound(path):
+        # Nobody reads: the datagram queue fills up; sends must fail fast, not hang.
+        results = [
+            sdnotify.notify("WATCHDOG=1", environ={"NOTIFY_SOCKET": path}) for _ in range(600)
+        ]
+    assert results[0] is True and results[-1] is False

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from stagerd.config import Settings
     from stagerd.db import Ledger
     from stagerd.job import Job
+    from stagerd.metrics import Metrics
     from stagerd.processor import Processor
     from stagerd.queue import Delivery, ReliableQueue
     from stagerd.scratch import Reservation, ScratchManager
@@ -99,6 +100,7 @@ class BatchSteps:
         ledger: Ledger,
         scratch: ScratchManager,
         s3: Any,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -106,6 +108,7 @@ class BatchSteps:
         self.ledger = ledger
         self.scratch = scratch
         self.s3 = s3
+        self.metrics = metrics
 
     # --- queue edge ---------------------------------------------------------------
 
@@ -232,6 +235,7 @@ class BatchSteps:
                 keep = self._end_failed(d, exc, "processing", kill)
                 return
             self.set_phase(d, "committing")
+            committing = time.monotonic()
             written = self.ledger.commit_results(
                 staged.job.batch_id,
                 outcome.results,
@@ -239,6 +243,13 @@ class BatchSteps:
                 worker=self.config.worker_id,
             )
             self._redis(lambda: self.queue.ack(d), "queue ack")
+            self._observe(
+                "done",
+                archive_bytes=staged.result.archive_bytes,
+                staging=staged.result.seconds,
+                processing=outcome.seconds,
+                committing=time.monotonic() - committing,
+            )
             log.info(
                 "batch %s done: %d results%s",
                 staged.job.batch_id,
@@ -279,7 +290,21 @@ class BatchSteps:
         level = log.error if outcome == "dead" else log.warning
         level("batch %s %s: %s", d.batch_id, outcome, reason, extra=_ctx(d))
         self._record(d.batch_id, reason, outcome, d, phase)
+        self._observe("dead" if outcome == "dead" else "failed")
         return outcome == "dead" and self.config.keep_failed
+
+    def _observe(self, outcome: str, archive_bytes: int = 0, **phase_seconds: float) -> None:
+        """Count the batch in the Prometheus textfile (best effort: never fails a batch)."""
+        if self.metrics is None:
+            return
+        self.metrics.batches.labels(outcome).inc()
+        self.metrics.bytes.labels("in").inc(archive_bytes)
+        for phase, seconds in phase_seconds.items():
+            self.metrics.phase_seconds.labels(phase).observe(seconds)
+        try:
+            self.metrics.write()
+        except OSError as exc:
+            log.warning("cannot write metrics to %s: %s", self.metrics.path, exc)
 
     def _record(
         self, batch_id: str | None, reason: str, outcome: str, d: Delivery, phase: str

@@ -109,6 +109,7 @@ def _check(options: WorkerOptions) -> None:
 def _connect(settings: Settings, options: WorkerOptions) -> tuple[BatchSteps, ReliableQueue]:
     """Every IO edge, connected: migrate, register in Redis, open scratch and S3."""
     from stagerd.db import Ledger, migrate
+    from stagerd.metrics import Metrics
     from stagerd.queue import ReliableQueue
     from stagerd.s3 import get_s3_client
     from stagerd.scratch import ScratchManager
@@ -138,6 +139,7 @@ def _connect(settings: Settings, options: WorkerOptions) -> tuple[BatchSteps, Re
         ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}"),
         scratch=ScratchManager.from_settings(settings),
         s3=get_s3_client(settings),
+        metrics=Metrics(settings.metrics_file, "gpu"),
     )
     return steps, queue
 

@@ -231,8 +231,15 @@ def test_concurrency_two_shares_one_budget(
 ) -> None:
     for i in range(5):
         put_batch(s3_client, redis_client, s3_bucket, queue_name, f"c{i}", make_tar(files=2))
-    run_burst(settings, options(concurrency=2, processor=f"{WAVINFO} --sleep 0.3"))
+    metrics = scratch_dir.parent / "textfile" / "stagerd.prom"
+    run_burst(
+        settings.replace(metrics_file=metrics),
+        options(concurrency=2, processor=f"{WAVINFO} --sleep 0.3"),
+    )
     assert ledger.count_by_state() == {"done": 5}
+    text = (metrics.parent / "stagerd-gpu.prom").read_text()
+    assert 'stagerd_batches_total{outcome="done"} 5.0' in text
+    assert 'stagerd_phase_seconds_count{phase="processing"} 5.0' in text
     assert_quiet(redis_client, queue_name, settings.worker_id, scratch_dir)
 
 

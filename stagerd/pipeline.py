@@ -209,6 +209,7 @@ class BatchSteps:
             keep_archive=self.config.keep_archive,
             policy=self.config.stage_policy,
             stop=stop,
+            max_members=self.settings.max_members,
         )
 
     # --- processing half ----------------------------------------------------------

@@ -5,6 +5,7 @@ dead-lettering, redelivery, shutdown semantics, reconnection."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -332,3 +333,79 @@ def test_postgres_connection_lost_mid_job_is_not_lost(
     assert ledger.batch("p0").state == "done"  # type: ignore[union-attr]
     assert len(ledger.results("p0")) == 2
     assert_quiet(redis_client, queue_name, settings.worker_id, scratch_dir)
+
+
+class OwnRedis:
+    """A private redis-server (AOF, fsync always) that the test may restart."""
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+        wait_for(lambda: _pings(client), 10, "redis-server up")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _pings(client: Any) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_redis_restart_mid_job_loses_nothing(
+    settings: Any,
+    s3_client: Any,
+    s3_bucket: str,
+    queue_name: str,
+    ledger: db.Ledger,
+    scratch_dir: Path,
+    tmp_path: Path,
+) -> None:
+    import redis
+
+    server = OwnRedis(tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        for i in range(2):
+            put_batch(s3_client, client, s3_bucket, queue_name, f"p{i}", make_tar(files=2))
+        own = settings.replace(redis_url=server.url)
+        opts = options(processor=f"{WAVINFO} --sleep 2", prefetch=0)
+        _stop, thread = _start_processing(own, opts, client, queue_name)
+        server.stop()  # mid-processing: Redis gone for about a second
+        time.sleep(1)
+        server.start()
+        thread.join(60)
+        assert not thread.is_alive() and not thread.errors  # type: ignore[attr-defined]
+        assert ledger.count_by_state() == {"done": 2}
+        assert len(ledger.results("p0")) == 2
+        assert dead_letters(client, queue_name) == []
+        assert_quiet(client, queue_name, settings.worker_id, scratch_dir)
+        client.close()
+    finally:
+        server.stop()

@@ -180,11 +180,11 @@ def check_redis(settings: Settings) -> Check:
 def check_postgres(settings: Settings) -> Check:
     import psycopg
 
-    from stagerd import db
+    from stagerd.schema import pending_migrations
 
     url = settings.require_database()
     try:
-        pending = db.pending_migrations(url)
+        pending = pending_migrations(url)
     except (psycopg.Error, OSError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Check(

@@ -117,4 +117,4 @@ def scratch_section(settings: Settings) -> dict[str, Any] | None:
 def failures_section(database_url: str, limit: int) -> list[dict[str, Any]]:
     from stagerd import db
 
-    return cast(list[dict[str, Any]], db.recent_failures(database_url, limit))
+    return db.recent_failures(database_url, limit)

@@ -110,8 +110,10 @@ def sweep_scratch(
             try:
                 sweep.entry(entry)
             except OSError as exc:
-                if exc.errno == errno.ESTALE:
-                    continue  # replaced under us (a worker reusing the id): next run decides
+                if exc.errno in (errno.ESTALE, errno.ENOENT):
+                    # Replaced or removed under us (its owner released it meanwhile): an
+                    # entry that is gone needs no sweeping; a replaced one waits a run.
+                    continue
                 sweep.errors.append(f"scratch {sweep.root}/{entry.name}: {exc.strerror or exc}")
     finally:
         os.close(root_fd)

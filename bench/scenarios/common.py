@@ -70,3 +70,16 @@ def dir_stats(path: Path) -> tuple[int, int]:
             files += 1
             size += p.stat().st_size
     return files, size
+
+
+_MIGRATED: set[str] = set()
+
+
+def migrate_once(ctx: BenchContext, env: dict[str, str]) -> None:
+    """``stagerd db migrate`` on the run's schema, once per run (it is idempotent, but each
+    call is a full interpreter start: seconds a --quick run cannot spare)."""
+    if ctx.database_url in _MIGRATED:
+        return
+    argv = [ctx.python, "-m", "stagerd", "db", "migrate"]
+    run_command(Command(argv, env), timeout=120)
+    _MIGRATED.add(ctx.database_url)

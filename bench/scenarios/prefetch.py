@@ -22,7 +22,7 @@ from bench.context import BenchContext, stagerd_has
 from bench.measure import Sample
 from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
 from bench.peers import Command
-from bench.scenarios.common import run_command, with_extra
+from bench.scenarios.common import migrate_once, run_command, with_extra
 
 SCRIPT = """#!/bin/sh
 echo "start $STAGERD_BATCH_ID $(date +%s.%N)" >> {log}
@@ -109,7 +109,7 @@ def _run_gpu(
     script.write_text(SCRIPT.format(log=log, seconds=seconds))
     script.chmod(0o755)
     env = ctx.stagerd_env(bucket, scratch, STAGERD_QUEUE=queue, STAGERD_WORKER_ID=f"bench-{prefix}")
-    run_command(Command(ctx.stagerd("db", "migrate"), env), timeout=120)
+    migrate_once(ctx, env)
     argv = ctx.stagerd(
         "gpu",
         "--burst",
@@ -133,7 +133,18 @@ def _ledger(ctx: BenchContext, prefix: str) -> list[dict[str, Any]]:
         return list(conn.execute(sql, (f"{prefix}-%",)).fetchall())
 
 
+_CALIBRATED: dict[tuple[str, str], float] = {}
+
+
 def _calibrate(ctx: BenchContext, bucket: str, archive: data.Archive) -> float:
+    """Median staging seconds of the archive (measured once per run, shared by both ratios)."""
+    key = (ctx.database_url, archive.sha256)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _measure_staging(ctx, bucket, archive)
+    return _CALIBRATED[key]
+
+
+def _measure_staging(ctx: BenchContext, bucket: str, archive: data.Archive) -> float:
     count = 1 if ctx.quick else 2
     _, prefix, _ = _run_gpu(ctx, bucket, archive, 0, 0.0, count)
     rows = _ledger(ctx, prefix)

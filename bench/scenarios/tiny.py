@@ -23,7 +23,7 @@ from bench.context import BenchContext, stagerd_has
 from bench.measure import Sample
 from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
 from bench.peers import Command
-from bench.scenarios.common import run_command, with_extra
+from bench.scenarios.common import migrate_once, with_extra
 from bench.scenarios.daemons import daemons, log_tail, wait_for
 
 NAME = "tiny"
@@ -153,7 +153,7 @@ def _stagerd(
             STAGERD_QUEUE=f"bench:{prefix}:queue:unpack",
             STAGERD_WORKER_ID=f"bench-{prefix}",
         )
-        run_command(Command(ctx.stagerd("db", "migrate"), env), timeout=120)
+        migrate_once(ctx, env)
         gpu = ctx.stagerd("gpu", "--concurrency", "1", "--prefetch", "1", "--processor", str(noop))
         watch = ctx.stagerd("transfer", "watch", str(inbox), "--delete-after")
         count = _pg_count(ctx, "stagerd_batches", prefix, done_only=True)

@@ -48,6 +48,15 @@ def test_gpu_burst_end_to_end_and_db_results(
     assert redis_client.llen(queue_name) == 0
     for secret in (stagerd_env["S3_SECRET_KEY"], stagerd_env["S3_ACCESS_KEY"]):
         assert secret not in result.stderr + result.stdout
+    # Off a terminal (systemd), staging reports quiet JSON progress lines on stderr.
+    progress = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and '"event": "progress"' in line
+    ]
+    finals = {p["label"]: p for p in progress if p.get("final")}
+    assert set(finals) == {"stage e0", "stage e1"}
+    assert all(p["percent"] == 100.0 and p["bytes"] == p["total"] for p in finals.values())
 
 
 def test_usage_errors_exit_2_with_one_line(run_cli: Any, stagerd_env: dict[str, str]) -> None:

@@ -51,8 +51,8 @@ FULL = Sizes(
     tiny_batches=200,
     janitor_dirs=10_000,
     startup_runs=20,
-    prefetch_batches=6,
-    prefetch_archive=256 * MiB,
+    prefetch_batches=5,
+    prefetch_archive=128 * MiB,
 )
 QUICK = Sizes(
     big_archive=24 * MiB,

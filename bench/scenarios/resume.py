@@ -47,7 +47,9 @@ def run(ctx: BenchContext) -> ScenarioResult:
         make = _stagerd_cmd(ctx, archive)
         contenders.append(Contender("stagerd", _runner(ctx, archive, make, stagerd=True), True))
     for peer, build in UPLOADERS.items():
-        contenders.append(Contender(peer, _runner(ctx, archive, _peer_cmd(ctx, archive, build))))
+        # One round each: a peer re-sends the whole file by design, the round only shows it.
+        runner = _runner(ctx, archive, _peer_cmd(ctx, archive, build))
+        contenders.append(Contender(peer, runner, max_rounds=1))
     result.contenders = interleave(contenders, ctx.rounds)
     result.add_ratios("resent_fraction")
     if not missing and result.contenders[0].ok:

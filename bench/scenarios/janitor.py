@@ -3,7 +3,8 @@
 stagerd's janitor is timed on the mixed root (it removes the stale half) and again on a root
 holding only the locked dirs (the steady state of a busy VM: everything skipped). The peer is
 ``systemd-tmpfiles --clean``, whose flock rule the janitor shares; it empties old dirs but
-leaves each emptied dir for its next run (the dir's mtime changes as it is emptied).
+leaves each emptied dir for its next run (the dir's mtime changes as it is emptied). ``rm -rf``
+of exactly the stale dirs is the floor: what removing them costs on this disk at all.
 stagerd runs with ``--min-age 0s``: its age is max(mtime, ctime) (a tar-extracted old mtime
 must not make a fresh dir look stale) and ctime cannot be backdated, so with the default 15m
 the freshly generated "stale" dirs would all be young; 0s makes every unlocked dir stale and
@@ -55,6 +56,9 @@ def run(ctx: BenchContext) -> ScenarioResult:
                 ),
             ]
         contenders.append(Contender("systemd-tmpfiles --clean (stale + locked)", _tmpfiles(ctx, n)))
+        contenders.append(
+            Contender("rm -rf of the stale dirs (floor, no lock check)", _rm_floor(ctx, n))
+        )
         result.contenders = interleave(contenders, ctx.rounds)
     result.add_ratios()
     if not missing:
@@ -146,6 +150,21 @@ def _stagerd(
         return with_extra(
             sample, removed=len(report.get("removed", [])), kept_locked=report.get("kept_locked")
         )
+
+    return once
+
+
+def _rm_floor(ctx: BenchContext, n: int) -> Callable[[int], Sample]:
+    """What deleting the stale dirs costs on this disk at all: ``rm -rf`` on exactly them."""
+
+    def once(_round: int) -> Sample:
+        root = ctx.fresh_dir("janitor-rm")
+        make_stale(root, n)
+        with locked_dirs(ctx, root, n):
+            script = f"cd {root} && exec rm -rf stale-*"
+            sample, _ = run_command(Command(["sh", "-c", script], ctx.base_env()))
+            _check_survivors(root, n, n)
+        return sample
 
     return once
 

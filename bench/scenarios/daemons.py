@@ -64,11 +64,12 @@ def wait_for(
     procs: Sequence[subprocess.Popen[bytes]] = (),
     interval: float = 0.05,
 ) -> None:
-    """Poll *predicate* until true; RunFailed on timeout or when a daemon died meanwhile."""
+    """Poll *predicate* until true; RunFailed on timeout or when a daemon failed meanwhile."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        dead = [p for p in procs if p.poll() is not None]
-        if dead and not predicate():  # it may have exited because it finished
+        # Exiting 0 is finishing (the naive producer stops after N); anything else is failing.
+        dead = [p for p in procs if p.poll() not in (None, 0)]
+        if dead and not predicate():
             raise RunFailed(f"waiting for {what}: {dead[0].args[:4]} exited {dead[0].returncode}")
         if time.monotonic() > deadline:
             raise RunFailed(f"timed out after {timeout:.0f} s waiting for {what}")

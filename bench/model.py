@@ -139,6 +139,29 @@ class ScenarioResult:
         }
 
 
+def scenario_from_dict(d: dict[str, Any]) -> ScenarioResult:
+    """Rebuild a ScenarioResult from its JSON (``--update`` folds new scenarios into old runs)."""
+    contenders = [
+        ContenderResult(c["name"], c["is_stagerd"], [Sample(**s) for s in c["samples"]], c["error"])
+        for c in d["contenders"]
+    ]
+    checks = [
+        Check(c["label"], c["value"], c["op"], c["limit"], c.get("unit", "x")) for c in d["checks"]
+    ]
+    return ScenarioResult(
+        d["name"],
+        d["title"],
+        d["params"],
+        contenders,
+        d["ratios"],
+        checks,
+        d["notes"],
+        d.get("metric", "seconds"),
+        d.get("columns", []),
+        d.get("skipped"),
+    )
+
+
 def interleave(contenders: Sequence[Contender], rounds: int) -> list[ContenderResult]:
     """Run A B C A B C ... for *rounds*; a contender that fails stops only itself."""
     samples: dict[str, list[Sample]] = {c.name: [] for c in contenders}

@@ -1,7 +1,7 @@
 """The benchmark's one command.
 
     python -m bench.run [--quick] [--rounds N] [--only SCENARIO,...] [--s3 seaweedfs|swift]
-                        [--results-dir DIR] [--report PATH] [--strict]
+                        [--results-dir DIR] [--report PATH] [--strict] [--update]
 
 Starts the local services (``build/services.sh``: idempotent), generates the data under
 ``bench/work/`` (cached between runs), runs each scenario with stagerd and its peers
@@ -14,6 +14,7 @@ with its PNG plots. ``--quick`` uses small sizes (the test suite runs it); the f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -29,7 +30,7 @@ from urllib.parse import quote
 
 from bench import report, services
 from bench.context import FULL, QUICK, ROOT, BenchContext
-from bench.model import ScenarioResult
+from bench.model import ScenarioResult, scenario_from_dict
 from bench.scenarios import SCENARIOS
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -46,6 +47,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report", type=Path, default=ROOT / "bench" / "REPORT.md")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     p.add_argument("--strict", action="store_true", help="exit 1 when any target FAILs")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other scenarios of <results-dir>/latest.json, replace those run now",
+    )
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -102,6 +108,18 @@ def run_scenarios(ctx: BenchContext, names: list[str]) -> list[ScenarioResult]:
     return results
 
 
+def fold_into_latest(latest: Path, fresh: list[ScenarioResult]) -> list[ScenarioResult]:
+    """The previous run's scenarios, those run now replacing theirs (registry order kept)."""
+    if not latest.exists():
+        return fresh
+    old = json.loads(latest.read_text())
+    by_name = {d["name"]: scenario_from_dict(d) for d in old["scenarios"]}
+    for r in fresh:
+        r.notes.append(f"measured in a later run than {old['started_at'][:19]}Z (--update)")
+    by_name.update({r.name: r for r in fresh})
+    return [by_name[n] for n in SCENARIOS if n in by_name]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     target = services.SEAWEEDFS if args.s3 == "seaweedfs" else services.swift_target()
@@ -118,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             work=args.work,
         )
         results = run_scenarios(ctx, args.names)
+    if args.update:
+        results = fold_into_latest(args.results_dir / "latest.json", results)
     doc = report.document(ctx, results, started, host_info())
     json_path, md_path = report.write(doc, results, args.results_dir, args.report)
     failed = [c for r in results for c in r.checks if not c.passed]

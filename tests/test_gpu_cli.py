@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stagerd import db
 from stagerd.keys import QueueKeys
 from tests.worker_support import (
@@ -26,6 +28,7 @@ from tests.worker_support import (
 )
 
 
+@pytest.mark.interop
 def test_gpu_burst_end_to_end_and_db_results(
     run_cli: Any,
     stagerd_env: dict[str, str],

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stagerd.partio import MiB
 from tests.conftest import base_env
 from tests.transfer_helpers import fault_proxy, write_tar
@@ -46,6 +48,7 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.interop
 def test_upload_enqueues_once_and_force_redoes_it(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, tmp_path: Path,
@@ -122,6 +125,7 @@ def test_second_run_completing_the_upload_first_is_accepted(
     assert len(_queue(redis_client, queue_name)) == 1
 
 
+@pytest.mark.interop
 def test_resume_after_sigkill_resends_at_most_missing_plus_in_flight(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, tmp_path: Path,

@@ -21,9 +21,9 @@ import pytest
 
 from stagerd import db
 from stagerd.keys import QueueKeys
+from tests.faultproxy import FaultProxy
 from tests.worker_support import (
     WAVINFO,
-    ThrottledProxy,
     dead_letters,
     make_tar,
     put_batch,
@@ -102,7 +102,7 @@ def test_disk_full_during_extraction_is_retried_after_space_returns(
     }
     hog = small_scratch / "hog"
     keys = QueueKeys(queue_name)
-    with ThrottledProxy(s3_server.endpoint, rate=RATE) as proxy:
+    with FaultProxy(s3_server.endpoint, throttle_down=RATE) as proxy:
         worker = start_worker({**env, "S3_ENDPOINT": proxy.endpoint}, "--prefetch", "0")
         try:
             inputs = small_scratch / "e1" / "input"

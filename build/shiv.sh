@@ -64,11 +64,16 @@ fi
 [[ "$python_version" =~ ^3\.[0-9]+$ ]] || die "--python-version must look like 3.12, got $python_version"
 [ ${#platforms[@]} -gt 0 ] || platforms=("manylinux2014_$(uname -m)")
 shiv_version="$("$py" -m shiv --version | awk '{print $NF}')"
-target_json="$("$py" - "$python_version" "$interpreter" "$shiv_version" "${platforms[@]}" <<'EOF'
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+    SOURCE_DATE_EPOCH="$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 315532800)"
+fi
+export SOURCE_DATE_EPOCH
+target_json="$("$py" - "$python_version" "$interpreter" "$shiv_version" "$SOURCE_DATE_EPOCH" \
+    "${platforms[@]}" <<'EOF'
 import json, sys
-version, interpreter, shiv, *platforms = sys.argv[1:]
-print(json.dumps({"python_version": version, "interpreter": interpreter,
-                  "shiv": shiv, "platforms": platforms}, sort_keys=True))
+version, interpreter, shiv, epoch, *platforms = sys.argv[1:]
+print(json.dumps({"python_version": version, "interpreter": interpreter, "shiv": shiv,
+                  "source_date_epoch": int(epoch), "platforms": platforms}, sort_keys=True))
 EOF
 )"
 build_id="$(tool build-id "$lock" "$target_json")"
@@ -81,11 +86,6 @@ version="$(tool version)"
 code_version="$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$root/stagerd/__init__.py")"
 [ "$version" = "$code_version" ] ||
     die "pyproject.toml version $version != stagerd.__version__ $code_version"
-if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
-    SOURCE_DATE_EPOCH="$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 315532800)"
-fi
-export SOURCE_DATE_EPOCH
-
 work="$work_root/$build_id.$$"
 site="$work/site-packages"
 trap 'rm -rf "$work"' EXIT
@@ -95,13 +95,23 @@ umask 022
 
 echo "shiv.sh: stagerd $version build $build_id for CPython $python_version on ${platforms[*]}" >&2
 tool select "$lock" "$python_version" >"$work/pins.txt"
-platform_args=()
-for p in "${platforms[@]}"; do platform_args+=(--platform "$p"); done
-abi="cp${python_version/./}"
-# --no-deps: the lock is already the complete, resolved set for this target.
-"$py" -m pip install --quiet --disable-pip-version-check --no-deps --no-compile \
-    --target "$site" --only-binary=:all: --implementation cp --abi "$abi" \
-    --python-version "$python_version" "${platform_args[@]}" -r "$work/pins.txt"
+target_args=(--only-binary=:all: --implementation cp --abi "cp${python_version/./}"
+    --python-version "$python_version")
+for p in "${platforms[@]}"; do target_args+=(--platform "$p"); done
+# The target's wheels are downloaded once into a wheelhouse and installed from there
+# without asking an index again: a rebuild then takes seconds, and only the lock, never
+# an index's current state, decides what goes in. --no-deps: the lock is already the
+# complete, resolved set for this target.
+wheelhouse="$work_root/wheels/$python_version-$(printf '%s\n' "${platforms[@]}" | sha256sum | cut -c1-12)"
+if ! cmp -s "$work/pins.txt" "$wheelhouse/.pins" 2>/dev/null; then
+    mkdir -p "$wheelhouse"
+    "$py" -m pip download --quiet --disable-pip-version-check --no-deps "${target_args[@]}" \
+        --dest "$wheelhouse" -r "$work/pins.txt"
+    cp "$work/pins.txt" "$wheelhouse/.pins"
+fi
+"$py" -m pip install --isolated --quiet --disable-pip-version-check --no-deps --no-compile \
+    --no-index --find-links "$wheelhouse" --target "$site" "${target_args[@]}" \
+    -r "$work/pins.txt"
 
 # Drop what would make the bytes depend on the build host: console scripts carry this
 # machine's interpreter path in their shebang, and RECORD lists their hashes.

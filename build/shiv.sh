@@ -13,6 +13,7 @@
 # Environment:
 #   BUILD_PYTHON       interpreter with pip and shiv (default $STAGERD_VENV or .venv, else python3)
 #   SOURCE_DATE_EPOCH  timestamp of every zip entry (default: the last commit's time)
+#   STAGERD_WHEELHOUSE where the target's locked wheels are kept (default build/work/wheels)
 #
 # The artifact unpacks its libraries under $SHIV_ROOT (default ~/.shiv; the systemd units
 # point it at CacheDirectory=) once per build id, and prunes other builds' unpacked copies
@@ -102,7 +103,7 @@ for p in "${platforms[@]}"; do target_args+=(--platform "$p"); done
 # without asking an index again: a rebuild then takes seconds, and only the lock, never
 # an index's current state, decides what goes in. --no-deps: the lock is already the
 # complete, resolved set for this target.
-wheelhouse="$work_root/wheels/$python_version-$(printf '%s\n' "${platforms[@]}" | sha256sum | cut -c1-12)"
+wheelhouse="${STAGERD_WHEELHOUSE:-$here/work/wheels}/$python_version-$(printf '%s\n' "${platforms[@]}" | sha256sum | cut -c1-12)"
 if ! cmp -s "$work/pins.txt" "$wheelhouse/.pins" 2>/dev/null; then
     mkdir -p "$wheelhouse"
     "$py" -m pip download --quiet --disable-pip-version-check --no-deps "${target_args[@]}" \

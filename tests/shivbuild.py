@@ -7,11 +7,13 @@ An unchanged tree reuses the previous session's artifact; any change builds afre
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +94,15 @@ def session_artifact() -> Artifact:
     artifact = Artifact(out, build_id, sha256_of(out))
     _session[build_id] = artifact
     return artifact
+
+
+_roots: list[Path] = []
+
+
+def session_shiv_root() -> Path:
+    """One SHIV_ROOT for the whole session, so the artifact unpacks and compiles once."""
+    if not _roots:
+        path = Path(tempfile.mkdtemp(prefix="stagerd-shiv-root-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _roots.append(path)
+    return _roots[0]

@@ -8,14 +8,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from tests.shivbuild import ROOT, Artifact, build, run_shiv_sh, session_artifact, sha256_of
+from tests.shivbuild import (
+    ROOT,
+    Artifact,
+    build,
+    run_shiv_sh,
+    session_artifact,
+    session_shiv_root,
+    sha256_of,
+)
 
 PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 RUNNING = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -27,14 +35,15 @@ def artifact() -> Artifact:
 
 
 @pytest.fixture(scope="module")
-def shiv_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One extraction shared by this module's tests (see ``first_run``)."""
-    return tmp_path_factory.mktemp("shiv-root")
+def shiv_root() -> Path:
+    """One extraction shared by the session's tests (see ``first_run``)."""
+    return session_shiv_root()
 
 
 @pytest.fixture(scope="module")
 def first_run(artifact: Artifact, shiv_root: Path) -> subprocess.CompletedProcess[str]:
-    """The artifact's first start on an empty SHIV_ROOT: it unpacks and compiles."""
+    """The artifact's first start here (unless test_artifact came first): it unpacks and
+    compiles everything into the session's SHIV_ROOT."""
     return run_artifact(artifact.path, ["--version"], shiv_root=shiv_root)
 
 

@@ -108,3 +108,11 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("stagerd: interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        # A bug, not bad input: keep the traceback for the journal (JSON logs carry it),
+        # but end with one readable line and exit 1 so systemd's restart policy applies.
+        import logging
+
+        logging.getLogger("stagerd").error("internal error", exc_info=True)
+        typer.echo(f"stagerd: internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)

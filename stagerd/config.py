@@ -78,6 +78,7 @@ class Settings:
     processor: str | None = None
     process_timeout: float = 4 * 3600.0
     max_attempts: int = 3
+    max_members: int = 100_000
     metrics_file: Path | None = None
     heartbeat_ttl: float = 60.0
     worker_id: str = field(default_factory=socket.gethostname)
@@ -324,6 +325,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_PROCESSOR", "processor", _nonempty),
     _Spec("STAGERD_PROCESS_TIMEOUT", "process_timeout", _positive(parse_duration)),
     _Spec("STAGERD_MAX_ATTEMPTS", "max_attempts", _bounded_int(1, 1000)),
+    _Spec("STAGERD_MAX_MEMBERS", "max_members", _bounded_int(1, 10_000_000)),
     _Spec("STAGERD_METRICS_FILE", "metrics_file", lambda text: Path(_nonempty(text))),
     _Spec("STAGERD_HEARTBEAT_TTL", "heartbeat_ttl", _positive(parse_duration)),
     _Spec("STAGERD_WORKER_ID", "worker_id", _nonempty),

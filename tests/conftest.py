@@ -35,6 +35,35 @@ class S3Server:
     endpoint: str
     access_key: str = DEV_ACCESS_KEY
     secret_key: str = DEV_SECRET_KEY
+    version: str = ""  # when the starter reports it (build/swift.sh does)
+    start_with: str = "build/services.sh"
+    tls_endpoint: str = ""  # the same server over HTTPS, where there is one
+    ca_bundle: str = ""  # the certificate that endpoint's clients trust
+
+
+def _swift_server(name: str, prefix: str) -> S3Server:
+    """A Swift all-in-one of build/swift.sh: from ``$PREFIX...`` or the state file it writes."""
+    state = Path(os.environ.get("STAGERD_SWIFT_DIR", "/tmp/stagerd-swift")) / f"{name}.env"
+    found: dict[str, str] = {}
+    if state.is_file():
+        for line in state.read_text().splitlines():
+            key, sep, value = line.removeprefix("export ").partition("=")
+            if sep:
+                found[key] = value
+    found.update({k: v for k, v in os.environ.items() if k.startswith(prefix)})
+    if f"{prefix}_TLS" not in os.environ and prefix in os.environ:
+        found.pop(f"{prefix}_TLS", None)  # an endpoint from the env: the file is someone else's
+    return S3Server(
+        name,
+        # Port 0 never answers: a Swift that is not running fails loudly when requested.
+        found.get(prefix, "http://127.0.0.1:0"),
+        found.get(f"{prefix}_ACCESS_KEY", "test:tester"),
+        found.get(f"{prefix}_SECRET_KEY", "testing"),
+        found.get(f"{prefix}_VERSION", ""),
+        start_with=f"build/swift.sh start {'old' if name == 'swift-old' else 'current'}",
+        tls_endpoint=found.get(f"{prefix}_TLS", ""),
+        ca_bundle=found.get(f"{prefix}_CA", ""),
+    )
 
 
 S3_SERVERS = {
@@ -42,7 +71,10 @@ S3_SERVERS = {
         "seaweedfs", os.environ.get("STAGERD_TEST_SEAWEEDFS", "http://127.0.0.1:8333")
     ),
     "moto": S3Server("moto", os.environ.get("STAGERD_TEST_MOTO", "http://127.0.0.1:5055")),
+    "swift": _swift_server("swift", "STAGERD_TEST_SWIFT"),
+    "swift-old": _swift_server("swift-old", "STAGERD_TEST_SWIFT_OLD"),
 }
+DEFAULT_INTEROP_SERVERS = "seaweedfs,moto"
 REDIS_URL = os.environ.get("STAGERD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get(
     "STAGERD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -60,11 +92,69 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _require(url: str, what: str) -> None:
+def _require(url: str, what: str, start_with: str = "build/services.sh") -> None:
     if not _reachable(url):
-        pytest.fail(
-            f"{what} is not reachable at {url}: start it with build/services.sh", pytrace=False
-        )
+        pytest.fail(f"{what} is not reachable at {url}: start it with {start_with}", pytrace=False)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--s3-servers",
+        default=None,
+        help="comma-separated S3 servers that tests marked interop run against "
+        f"({', '.join(S3_SERVERS)}); default $STAGERD_TEST_S3_SERVERS or {DEFAULT_INTEROP_SERVERS}",
+    )
+
+
+def interop_servers(config: pytest.Config) -> list[str]:
+    """The servers of the interop matrix: --s3-servers, $STAGERD_TEST_S3_SERVERS or default."""
+    raw = (
+        config.getoption("--s3-servers")
+        or os.environ.get("STAGERD_TEST_S3_SERVERS")
+        or DEFAULT_INTEROP_SERVERS
+    )
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in S3_SERVERS]
+    if unknown or not names:
+        raise pytest.UsageError(f"unknown S3 servers {unknown}; known: {', '.join(S3_SERVERS)}")
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests marked interop run once per server of the matrix; a requested server that is
+    # not running fails (s3_server's _require), it is never skipped.
+    if "s3_server" in metafunc.fixturenames and metafunc.definition.get_closest_marker("interop"):
+        metafunc.parametrize("s3_server", interop_servers(metafunc.config), indirect=True)
+
+
+INTEROP_FINDINGS = pytest.StashKey[dict[str, dict[str, str]]]()
+
+
+@pytest.fixture
+def interop_record(request: pytest.FixtureRequest) -> Callable[[str, str, object], None]:
+    """``record(server, what, value)``: a finding shown in the run's summary (and written as
+    JSON to $STAGERD_INTEROP_REPORT when set)."""
+    findings = request.config.stash.setdefault(INTEROP_FINDINGS, {})
+
+    def record(server: str, what: str, value: object) -> None:
+        findings.setdefault(server, {})[what] = str(value)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    findings = config.stash.get(INTEROP_FINDINGS, {})
+    if not findings:
+        return
+    terminalreporter.section("S3 interop findings")
+    for server, found in sorted(findings.items()):
+        for what, value in sorted(found.items()):
+            terminalreporter.write_line(f"{server:10} {what:28} {value}")
+    report = os.environ.get("STAGERD_INTEROP_REPORT")
+    if report:
+        import json
+
+        Path(report).write_text(json.dumps(findings, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture
@@ -110,11 +200,12 @@ def empty_and_delete_bucket(client: Any, bucket: str) -> None:
         pass
 
 
-@pytest.fixture(params=["seaweedfs"])
+@pytest.fixture
 def s3_server(request: pytest.FixtureRequest) -> S3Server:
-    """The S3 server under test (parametrise indirectly to run against others)."""
-    server = S3_SERVERS[request.param]
-    _require(server.endpoint, f"S3 server {server.name}")
+    """The S3 server under test: SeaweedFS, or each of the matrix for tests marked interop
+    (or parametrise indirectly to pick one)."""
+    server = S3_SERVERS[getattr(request, "param", "seaweedfs")]
+    _require(server.endpoint, f"S3 server {server.name}", server.start_with)
     return server
 
 
@@ -254,3 +345,31 @@ def run_cli() -> CliRunner:
         )
 
     return run
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[Any]:
+    """A private redis-server (durable AOF) on a free port: stop/kill/start/restart freely."""
+    from tests.restartable import RedisServer
+
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def restartable_postgres(tmp_path: Path) -> Iterator[Any]:
+    """A private PostgreSQL cluster on a free port (trust): stop/start/restart freely."""
+    from tests.restartable import PostgresServer
+
+    with PostgresServer(tmp_path / "pg") as server:
+        yield server
+
+
+@pytest.fixture
+def fault_proxy(s3_server: S3Server) -> Iterator[Any]:
+    """A FaultProxy (tests/faultproxy.py) in front of the S3 server under test, injecting
+    nothing until ``configure(rate=...)``; point S3_ENDPOINT at ``fault_proxy.endpoint``."""
+    from tests.faultproxy import FaultProxy
+
+    with FaultProxy(s3_server.endpoint, seed=int(os.environ.get("STAGERD_FAULT_SEED", "1"))) as p:
+        yield p

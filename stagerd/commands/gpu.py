@@ -1,0 +1,116 @@
+"""``stagerd gpu``: the GPU VM's worker (issue 5, prefetch issue 11).
+
+Signals are handled here and only here: SIGTERM/SIGINT set the stop event the worker
+polls. Under systemd ``Type=notify`` the command sends READY=1 once connected, WATCHDOG=1
+from the worker's main loop and STOPPING=1 when shutdown begins.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from stagerd.commands import state
+from stagerd.units import parse_duration
+
+
+def register(app: typer.Typer) -> None:
+    app.command("gpu")(gpu)
+
+
+def gpu(
+    ctx: typer.Context,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Job slots sharing one scratch budget.")
+    ] = 1,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            "--prefetch",
+            min=0,
+            help="Batches staged ahead per slot while one is processed (0: off).",
+        ),
+    ] = 1,
+    burst: Annotated[
+        bool, typer.Option("--burst", help="Exit when the queue is empty and nothing is in flight.")
+    ] = False,
+    keep_archive: Annotated[
+        bool,
+        typer.Option(
+            "--keep-archive", help="Download archive.tar first, then extract (2x scratch)."
+        ),
+    ] = False,
+    keep_failed: Annotated[
+        bool, typer.Option("--keep-failed", help="Keep the scratch dir of dead-lettered batches.")
+    ] = False,
+    processor: Annotated[
+        str | None,
+        typer.Option(
+            "--processor",
+            help="Processor command (default: $STAGERD_PROCESSOR).",
+            show_default=False,
+        ),
+    ] = None,
+    processor_mode: Annotated[
+        str, typer.Option("--processor-mode", help="oneshot (a process per batch) or persistent.")
+    ] = "oneshot",
+    drain_timeout: Annotated[
+        str,
+        typer.Option(
+            "--drain-timeout", help="On SIGTERM, how long the processing batch may finish."
+        ),
+    ] = "60s",
+    worker_id: Annotated[
+        str | None,
+        typer.Option(
+            "--worker-id",
+            help="Worker id (default: $STAGERD_WORKER_ID, else hostname).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Consume the queue: reserve scratch, stage, process, record results in PostgreSQL."""
+    from stagerd import sdnotify
+    from stagerd.errors import UsageError
+    from stagerd.worker import PROCESSOR_MODES, WorkerOptions, run
+
+    if processor_mode not in PROCESSOR_MODES:
+        raise UsageError(f"--processor-mode: use oneshot or persistent, not {processor_mode!r}")
+    try:
+        drain = parse_duration(drain_timeout)
+    except ValueError as exc:
+        raise UsageError(f"--drain-timeout: {exc}") from None
+    settings = state(ctx).settings()
+    stop = threading.Event()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_tick() -> None:
+        sdnotify.watchdog()
+        if stop.is_set() and not stopping.is_set():
+            stopping.set()
+            sdnotify.stopping()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    options = WorkerOptions(
+        concurrency=concurrency,
+        prefetch=prefetch,
+        burst=burst,
+        keep_archive=keep_archive,
+        keep_failed=keep_failed,
+        processor=processor,
+        processor_mode=processor_mode,
+        drain_timeout=drain,
+        worker_id=worker_id,
+        on_ready=lambda: sdnotify.ready("connected; consuming " + settings.queue),
+        on_tick=on_tick,
+    )
+    run(settings, options, stop)
+    sdnotify.stopping()

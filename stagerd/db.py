@@ -1,0 +1,364 @@
+"""The PostgreSQL ledger: batch states, results, failure history (migrations: schema.py).
+
+Contract of the IO edge:
+
+- Every call reconnects with backoff when PostgreSQL goes away (:data:`DB_POLICY`); a call
+  that still cannot reach it raises :class:`ServiceUnavailable` (transient).
+- :meth:`Ledger.commit_results` writes the results rows AND state ``done`` in one
+  transaction and is idempotent: a batch already ``done`` is left alone (returns False), and
+  result rows are unique per (batch_id, item), so a redelivered batch never duplicates rows.
+- State updates never move a ``done`` batch back to another state.
+
+psycopg is imported lazily so ``stagerd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from stagerd.errors import ServiceUnavailable
+from stagerd.ids import archive_key
+from stagerd.log import get_logger
+from stagerd.pg import CLI_POLICY, DB_POLICY, connect, first_line, is_db_transient
+from stagerd.retry import RetryPolicy
+from stagerd.schema import Migration, load_migrations, migrate, pending_migrations
+
+__all__ = [
+    "CLI_POLICY",
+    "DB_POLICY",
+    "STATES",
+    "BatchRow",
+    "FailureRow",
+    "Ledger",
+    "Migration",
+    "connect",
+    "is_db_transient",
+    "load_migrations",
+    "migrate",
+    "pending_migrations",
+    "recent_failures",
+    "requeue_stale_batches",
+]
+
+if TYPE_CHECKING:
+    import psycopg
+
+T = TypeVar("T")
+log = get_logger(__name__)
+
+STATES = ("queued", "staging", "processing", "done", "failed", "dead", "requeued")
+MAX_ERROR_CHARS = 2000
+
+
+# --- rows -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    batch_id: str
+    s3_key: str
+    state: str
+    attempts: int
+    worker: str | None
+    archive_bytes: int | None
+    extracted_bytes: int | None
+    file_count: int | None
+    sha256: str | None
+    stage_seconds: float | None
+    process_seconds: float | None
+    commit_seconds: float | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    batch_id: str | None
+    attempt: int | None
+    worker: str | None
+    phase: str | None
+    outcome: str
+    error: str
+    failed_at: datetime
+
+
+_BATCH_COLUMNS = ", ".join(BatchRow.__dataclass_fields__)
+
+
+# --- the ledger -----------------------------------------------------------------------
+
+
+class Ledger:
+    """Batch states and results for one worker process; safe to share between threads."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        policy: RetryPolicy = DB_POLICY,
+        application_name: str = "stagerd",
+    ) -> None:
+        self._url = database_url
+        self._policy = policy
+        self._application_name = application_name
+        self._conn: psycopg.Connection[Any] | None = None
+        # One connection, one transaction at a time: slots take turns (calls are short).
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def begin(self, batch_id: str, s3_key: str, *, worker: str, sha256: str | None) -> bool:
+        """Mark *batch_id* ``staging`` (attempts + 1). False if it is already ``done``."""
+        sql = """
+            INSERT INTO stagerd_batches
+                (batch_id, s3_key, state, attempts, worker, sha256, started_at)
+            VALUES (%s, %s, 'staging', 1, %s, %s, now())
+            ON CONFLICT (batch_id) DO UPDATE SET
+                s3_key = EXCLUDED.s3_key, state = 'staging',
+                attempts = stagerd_batches.attempts + 1, worker = EXCLUDED.worker,
+                sha256 = COALESCE(EXCLUDED.sha256, stagerd_batches.sha256),
+                archive_bytes = NULL, extracted_bytes = NULL, file_count = NULL,
+                stage_seconds = NULL, process_seconds = NULL, commit_seconds = NULL,
+                error = NULL, started_at = now(), finished_at = NULL, updated_at = now()
+            WHERE stagerd_batches.state <> 'done'
+            RETURNING state"""
+        row = self._run(
+            "ledger begin", lambda c: c.execute(sql, (batch_id, s3_key, worker, sha256)).fetchone()
+        )
+        return row is not None
+
+    def is_done(self, batch_id: str) -> bool:
+        row = self._run(
+            "ledger read",
+            lambda c: c.execute(
+                "SELECT state FROM stagerd_batches WHERE batch_id = %s", (batch_id,)
+            ).fetchone(),
+        )
+        return row is not None and row[0] == "done"
+
+    def mark_processing(
+        self,
+        batch_id: str,
+        *,
+        archive_bytes: int,
+        extracted_bytes: int,
+        file_count: int,
+        sha256: str,
+        stage_seconds: float,
+    ) -> None:
+        """Staging finished: record sizes and timing, state ``processing``."""
+        sql = """
+            UPDATE stagerd_batches SET state = 'processing', archive_bytes = %s,
+                extracted_bytes = %s, file_count = %s, sha256 = %s, stage_seconds = %s,
+                updated_at = now()
+            WHERE batch_id = %s AND state <> 'done'"""
+        params = (archive_bytes, extracted_bytes, file_count, sha256, stage_seconds, batch_id)
+        self._run("ledger processing", lambda c: c.execute(sql, params))
+
+    def commit_results(
+        self,
+        batch_id: str,
+        results: Iterable[tuple[str, Any]],
+        *,
+        process_seconds: float | None = None,
+        worker: str | None = None,
+    ) -> bool:
+        """Write *results* and state ``done`` in one transaction.
+
+        Returns False (writing nothing) when the batch is already ``done``. Retried as a
+        whole on a lost connection: the transaction either happened or did not.
+        """
+        rows = list(results)
+
+        def write(conn: psycopg.Connection[Any]) -> bool:
+            from psycopg.types.json import Jsonb
+
+            started = time.monotonic()
+            with conn.transaction():
+                current = conn.execute(
+                    "SELECT state FROM stagerd_batches WHERE batch_id = %s FOR UPDATE",
+                    (batch_id,),
+                ).fetchone()
+                if current is not None and current[0] == "done":
+                    return False
+                if current is None:  # ledger row lost (e.g. a truncated table): recreate it
+                    conn.execute(
+                        "INSERT INTO stagerd_batches (batch_id, s3_key, state, attempts, worker)"
+                        " VALUES (%s, %s, 'processing', 1, %s)",
+                        (batch_id, archive_key(batch_id), worker),
+                    )
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO stagerd_results (batch_id, item, result) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (batch_id, item) DO NOTHING",
+                        [(batch_id, item, Jsonb(result)) for item, result in rows],
+                    )
+                conn.execute(
+                    "UPDATE stagerd_batches SET state = 'done', process_seconds = %s,"
+                    " commit_seconds = %s, error = NULL, finished_at = now(), updated_at = now()"
+                    " WHERE batch_id = %s",
+                    (process_seconds, time.monotonic() - started, batch_id),
+                )
+            return True
+
+        return self._run("ledger commit", write)
+
+    def record_failure(
+        self,
+        batch_id: str | None,
+        error: str,
+        *,
+        outcome: str,
+        attempt: int | None = None,
+        worker: str | None = None,
+        phase: str | None = None,
+    ) -> None:
+        """Keep the failure in the history; outcome ``dead`` -> state dead, else failed."""
+        error = error[:MAX_ERROR_CHARS]
+        state = "dead" if outcome == "dead" else "failed"
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO stagerd_failures (batch_id, attempt, worker, phase, outcome,"
+                    " error) VALUES (%s, %s, %s, %s, %s, %s)",
+                    ((batch_id or "")[:200] or None, attempt, worker, phase, outcome, error),
+                )
+                if batch_id is not None:
+                    conn.execute(
+                        "UPDATE stagerd_batches SET state = %s, error = %s, updated_at = now(),"
+                        " finished_at = CASE WHEN %s = 'dead' THEN now() END"
+                        " WHERE batch_id = %s AND state <> 'done'",
+                        (state, error, state, batch_id),
+                    )
+
+        self._run("ledger failure", write)
+
+    def mark_requeued(self, batch_id: str, reason: str) -> None:
+        """The job went back to the queue (shutdown, prefetch): state ``requeued``."""
+        self._run(
+            "ledger requeued",
+            lambda c: c.execute(
+                "UPDATE stagerd_batches SET state = 'requeued', error = %s, updated_at = now()"
+                " WHERE batch_id = %s AND state <> 'done'",
+                (reason[:MAX_ERROR_CHARS], batch_id),
+            ),
+        )
+
+    def batch(self, batch_id: str) -> BatchRow | None:
+        row = self._run(
+            "ledger read",
+            lambda c: c.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM stagerd_batches WHERE batch_id = %s", (batch_id,)
+            ).fetchone(),
+        )
+        return BatchRow(*row) if row else None
+
+    def results(self, batch_id: str) -> list[tuple[str, Any]]:
+        rows = self._run(
+            "ledger read",
+            lambda c: c.execute(
+                "SELECT item, result FROM stagerd_results WHERE batch_id = %s ORDER BY item",
+                (batch_id,),
+            ).fetchall(),
+        )
+        return [(item, result) for item, result in rows]
+
+    def recent_failures(self, limit: int = 10) -> list[FailureRow]:
+        """The newest failures first (for ``stagerd status``)."""
+        rows = self._run(
+            "ledger read",
+            lambda c: c.execute(
+                "SELECT batch_id, attempt, worker, phase, outcome, error, failed_at"
+                " FROM stagerd_failures ORDER BY failed_at DESC, id DESC LIMIT %s",
+                (limit,),
+            ).fetchall(),
+        )
+        return [FailureRow(*row) for row in rows]
+
+    def schema_ready(self) -> bool:
+        """Whether the ledger tables exist (``stagerd db migrate`` ran)."""
+        row = self._run(
+            "ledger read",
+            lambda c: c.execute("SELECT to_regclass('stagerd_failures')").fetchone(),
+        )
+        return row is not None and row[0] is not None
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._run(
+            "ledger read",
+            lambda c: c.execute(
+                "SELECT state, count(*) FROM stagerd_batches GROUP BY state"
+            ).fetchall(),
+        )
+        return {state: int(n) for state, n in rows}
+
+    def _run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        import psycopg
+
+        def attempt() -> T:
+            with self._lock:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(
+                        self._url,
+                        policy=RetryPolicy(attempts=1),
+                        application_name=self._application_name,
+                    )
+                try:
+                    return fn(self._conn)
+                except psycopg.OperationalError as exc:
+                    # A broken connection stays broken: drop it so the retry reconnects.
+                    self._drop()
+                    raise ServiceUnavailable(f"PostgreSQL: {first_line(exc)}") from None
+
+        return self._policy.call(attempt, what=what)
+
+    def _drop(self) -> None:
+        import psycopg
+
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()
+            except (OSError, psycopg.Error) as exc:
+                log.debug("closing a broken PostgreSQL connection: %s", exc)
+
+
+def requeue_stale_batches(database_url: str, dead_workers: Sequence[str]) -> list[str]:
+    """Janitor: rows in staging/processing owned by a dead worker -> ``requeued``."""
+    if not dead_workers:
+        return []
+    with connect(database_url) as conn:
+        rows = conn.execute(
+            "UPDATE stagerd_batches SET state = 'requeued', updated_at = now(),"
+            " error = 'worker ' || worker || ' stopped heartbeating'"
+            " WHERE state IN ('staging', 'processing') AND worker = ANY(%s)"
+            " RETURNING batch_id",
+            (list(dead_workers),),
+        ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def recent_failures(database_url: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The newest failures as JSON-ready dicts (``stagerd status``); one quick attempt.
+
+    Raises ServiceUnavailable when PostgreSQL is unreachable; an unmigrated database has
+    no failures yet."""
+    ledger = Ledger(database_url, policy=RetryPolicy(attempts=1, classify=is_db_transient))
+    try:
+        if not ledger.schema_ready():
+            return []
+        rows = ledger.recent_failures(limit)
+    finally:
+        ledger.close()
+    return [{**asdict(row), "failed_at": row.failed_at.isoformat()} for row in rows]

@@ -1,0 +1,127 @@
+"""Walking and removing trees in scratch without ever following a link or leaving the volume.
+
+Both functions work relative to an open directory fd (``openat``-style), re-open every
+subdirectory with ``O_NOFOLLOW`` and check that it is the inode ``lstat`` saw on the same
+device, so a symlink (or a mount point, or an entry swapped for either mid-walk) can never
+lead them out of the scratch root: they unlink the link and move on. They iterate with an
+explicit stack, because an extracted archive may nest deeper than Python's recursion limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class LeftVolume(OSError):
+    """A subdirectory is a mount point (another device): refusing to descend."""
+
+
+@dataclass
+class _Frame:
+    fd: int
+    names: list[str]
+    name: str  # this directory's name inside its parent
+
+
+def _names(fd: int) -> list[str]:
+    with os.scandir(fd) as it:
+        return [entry.name for entry in it]
+
+
+def _open_subdir(name: str, parent_fd: int, seen: os.stat_result) -> int:
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, f"{name!r} changed while walking it")
+    return fd
+
+
+def _walk(
+    name: str, dir_fd: int, device: int | None, expect: os.stat_result | None = None
+) -> Iterator[tuple[int, str, os.stat_result]]:
+    """Post-order walk yielding (parent_fd, name, lstat) for every entry, *name* itself last.
+
+    A yielded directory's children have all been yielded before it (so they may be removed).
+    """
+    top = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if expect is not None and (top.st_dev, top.st_ino) != (expect.st_dev, expect.st_ino):
+        raise OSError(errno.ESTALE, f"{name!r} was replaced")
+    if device is not None and top.st_dev != device:
+        raise LeftVolume(errno.EXDEV, f"{name!r} is on another file system")
+    if not stat.S_ISDIR(top.st_mode):
+        yield dir_fd, name, top
+        return
+    stack = [_Frame(_open_subdir(name, dir_fd, top), [], name)]
+    stack[0].names = _names(stack[0].fd)
+    stats = [top]
+    try:
+        while stack:
+            frame = stack[-1]
+            if not frame.names:
+                stack.pop()
+                os.close(frame.fd)
+                parent = stack[-1].fd if stack else dir_fd
+                yield parent, frame.name, stats.pop()
+                continue
+            child = frame.names.pop()
+            try:
+                st = os.stat(child, dir_fd=frame.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                yield frame.fd, child, st
+                continue
+            if st.st_dev != top.st_dev:
+                raise LeftVolume(errno.EXDEV, f"{child!r} is a mount point")
+            sub = _open_subdir(child, frame.fd, st)
+            stack.append(_Frame(sub, _names(sub), child))
+            stats.append(st)
+    finally:
+        for frame in stack:
+            os.close(frame.fd)
+
+
+def disk_usage(name: str, dir_fd: int, device: int | None = None) -> int:
+    """Bytes allocated on disk by *name* (file, link or whole tree), links not followed.
+
+    A tree changing under the walk is counted as far as it can be seen. Raises OSError if
+    *name* itself cannot be read.
+    """
+    total = 0
+    try:
+        for _parent, _name, st in _walk(name, dir_fd, device):
+            total += st.st_blocks * 512
+    except (FileNotFoundError, NotADirectoryError):
+        # Removed or swapped while we walked (a reservation released): count what we saw.
+        pass
+    return total
+
+
+def remove_tree(
+    name: str, dir_fd: int, device: int | None = None, expect: os.stat_result | None = None
+) -> int:
+    """Remove *name* (a file, a symlink itself, or a whole directory tree); bytes freed.
+
+    Never follows a symlink and never crosses into another file system (raises LeftVolume
+    before touching anything below a mount point). With *expect*, refuses (ESTALE) unless
+    *name* is still that inode (the one the caller locked). Entries that vanish meanwhile
+    are ignored. Raises OSError for anything else (permissions).
+    """
+    freed = 0
+    for parent, entry, st in _walk(name, dir_fd, device, expect):
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(entry, dir_fd=parent)
+            else:
+                os.unlink(entry, dir_fd=parent)
+        except FileNotFoundError:
+            continue
+        freed += st.st_blocks * 512
+    return freed

@@ -1,0 +1,135 @@
+"""flock(2) primitives shared by the scratch manager and the janitor.
+
+Why ``flock`` and not a server or PID files: the kernel drops a BSD lock the moment its
+owner dies (SIGKILL, OOM, reboot), so "is this directory still worked on?" has an answer
+that needs no PID guessing, and it is the same signal ``systemd-tmpfiles`` honours.
+Locks belong to open file descriptions, so two threads of one process that each open the
+file conflict exactly like two processes do.
+
+Every open here refuses to follow a symlink (``O_NOFOLLOW``) and never blocks on a FIFO
+(``O_NONBLOCK``): the scratch root is a place where hostile or stray entries may appear.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+
+from stagerd.errors import ScratchUnavailable
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
+
+
+def open_nofollow(name: str | Path, dir_fd: int | None = None) -> int:
+    """Open *name* (a directory or a file) read-only without following a final symlink.
+
+    Raises OSError: ELOOP for a symlink, ENOENT if gone.
+    """
+    return os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+
+
+def try_flock(fd: int) -> bool:
+    """Take an exclusive lock on *fd* without waiting; False if another holder has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _BUSY:
+            return False
+        raise
+    return True
+
+
+def try_lock_entry(name: str | Path, dir_fd: int | None = None) -> int | None:
+    """Open and exclusively lock *name*; the locked fd, or None if someone holds the lock.
+
+    The caller owns the returned fd (closing it drops the lock). Raises OSError when the
+    entry cannot be opened (ELOOP for a symlink, ENOENT if it vanished).
+    """
+    fd = open_nofollow(name, dir_fd)
+    try:
+        if try_flock(fd):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a non-blocking exclusive flock on *path* would fail right now.
+
+    A symlink or a missing entry is never locked (a symlink cannot carry our lock).
+    """
+    try:
+        fd = try_lock_entry(path)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+            return False
+        raise
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+class FileLock:
+    """An exclusive flock on a small lock file, as a context manager.
+
+    ``acquire(blocking=False)`` returns False instead of waiting; a blocking acquire with
+    *timeout* raises ScratchUnavailable when it expires.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            if not blocking:
+                if not try_flock(fd):
+                    os.close(fd)
+                    return False
+            elif timeout is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                self._wait(fd, timeout)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def _wait(self, fd: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not try_flock(fd):
+            if time.monotonic() >= deadline:
+                raise ScratchUnavailable(f"lock {self.path} still held after {timeout:g}s")
+            time.sleep(0.01)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

@@ -1,0 +1,328 @@
+"""One batch through the worker: validate -> ledger -> reserve -> stage -> process -> commit
+-> ack, with cleanup in ``finally``.
+
+The two halves are separate calls so a slot can stage the next batch while the current
+one is processed (prefetch, :mod:`stagerd.prefetch`). Every failure ends in exactly one
+queue transition, decided here:
+
+- shutdown (``stop`` / ``kill`` set): back to the HEAD of pending, the attempt refunded;
+- permanent error (poison payload, corrupt archive, over budget): dead-letter at once;
+- transient error: :meth:`ReliableQueue.retry_or_dead` (dead after STAGERD_MAX_ATTEMPTS);
+- an unexpected exception propagates: the job stays in this worker's processing list and
+  the restarted worker takes it back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from stagerd.errors import ScratchUnavailable, StagerdError
+from stagerd.log import get_logger
+from stagerd.retry import RetryPolicy, is_transient
+
+if TYPE_CHECKING:
+    from stagerd.config import Settings
+    from stagerd.db import Ledger
+    from stagerd.job import Job
+    from stagerd.metrics import Metrics
+    from stagerd.processor import Processor
+    from stagerd.queue import Delivery, ReliableQueue
+    from stagerd.scratch import Reservation, ScratchManager
+    from stagerd.stage import StageResult
+
+T = TypeVar("T")
+log = get_logger(__name__)
+
+
+def is_service_transient(exc: BaseException) -> bool:
+    """Transient for calls to Redis/PostgreSQL: also redis-py's own connection errors."""
+    if is_transient(exc):
+        return True
+    import redis
+
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
+# Rides out a Redis restart; bounded, so a dead Redis ends the process (systemd restarts it).
+SERVICE_POLICY = RetryPolicy(
+    attempts=40, base=0.2, max_delay=5.0, total=180.0, classify=is_service_transient
+)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What the steps need besides the IO edges."""
+
+    worker_id: str
+    bucket: str
+    keep_archive: bool = False
+    keep_failed: bool = False
+    process_timeout: float = 4 * 3600.0
+    reserve_timeout: float = 600.0
+    pop_timeout: float = 1.0
+    stage_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    service_policy: RetryPolicy = SERVICE_POLICY
+
+
+@dataclass
+class Staged:
+    """A batch whose input is on scratch, waiting for (or under) processing."""
+
+    delivery: Delivery
+    job: Job
+    reservation: Reservation
+    result: StageResult
+
+
+def _handled(exc: BaseException) -> bool:
+    """Errors a batch may end with; anything else is a bug and ends the process."""
+    return isinstance(exc, StagerdError) or is_transient(exc)
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class BatchSteps:
+    """The per-batch steps of one worker process; shared by its slots (thread-safe)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: StepConfig,
+        *,
+        queue: ReliableQueue,
+        ledger: Ledger,
+        scratch: ScratchManager,
+        s3: Any,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.queue = queue
+        self.ledger = ledger
+        self.scratch = scratch
+        self.s3 = s3
+        self.metrics = metrics
+
+    # --- queue edge ---------------------------------------------------------------
+
+    def _redis(self, fn: Callable[[], T], what: str, stop: threading.Event | None = None) -> T:
+        return self.config.service_policy.call(fn, what=what, stop=stop)
+
+    def pop(self, stop: threading.Event) -> Delivery | None:
+        """The next job, or None when the queue stayed empty for ``pop_timeout``."""
+        return self._redis(lambda: self.queue.pop(self.config.pop_timeout), "queue pop", stop)
+
+    def set_phase(self, d: Delivery, phase: str) -> None:
+        self._redis(lambda: self.queue.set_phase(d, phase), "queue set_phase")
+
+    # --- staging half -------------------------------------------------------------
+
+    def stage(
+        self, d: Delivery, stop: threading.Event, may_wait: Callable[[], bool]
+    ) -> Staged | None:
+        """Validate, record and stage *d*. None when the job ended here (skipped, failed,
+        requeued on shutdown). *may_wait*: whether waiting for budget can end by itself
+        (another batch of this worker will release its reservation)."""
+        job = self._validate(d)
+        if job is None:
+            return None
+        self.set_phase(d, "staging")
+        if not self.ledger.begin(
+            job.batch_id, job.s3_key, worker=self.config.worker_id, sha256=job.sha256
+        ):
+            log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
+            self._redis(lambda: self.queue.ack(d), "queue ack")
+            return None
+        reservation: Reservation | None = None
+        try:
+            reservation = self._reserve(job, stop, may_wait)
+            result = self._stage_into(job, reservation, stop)
+        except Exception as exc:
+            if not _handled(exc):
+                raise
+            keep = self._end_failed(d, exc, "staging", stop)
+            if reservation is not None:
+                reservation.release(remove=not keep)
+            return None
+        self.ledger.mark_processing(
+            job.batch_id,
+            archive_bytes=result.archive_bytes,
+            extracted_bytes=result.extracted_bytes,
+            file_count=result.file_count,
+            sha256=result.sha256,
+            stage_seconds=result.seconds,
+        )
+        return Staged(d, job, reservation, result)
+
+    def _validate(self, d: Delivery) -> Job | None:
+        if d.job is None:
+            reason = f"invalid payload: {d.error}"
+            log.error("dead-lettering a poison payload: %s", reason, extra=_ctx(d))
+            self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
+            self._record(None, reason, "dead", d, "validate")
+            return None
+        max_attempts = self.settings.max_attempts
+        if d.attempt > max_attempts:
+            # Only a worker that died mid-job leaves an attempt unfinished: stop the loop.
+            reason = f"attempt {d.attempt} exceeds STAGERD_MAX_ATTEMPTS={max_attempts}"
+            self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
+            self._record(d.job.batch_id, reason, "dead", d, "validate")
+            return None
+        return d.job
+
+    def _reserve(
+        self, job: Job, stop: threading.Event, may_wait: Callable[[], bool]
+    ) -> Reservation:
+        from stagerd.stage import head_archive
+
+        head = self.config.stage_policy.call(
+            lambda: head_archive(self.s3, self.config.bucket, job.s3_key),
+            what=f"HEAD {job.s3_key}",
+            stop=stop,
+        )
+        # Streaming needs ~1x the archive on scratch; --keep-archive holds tar + members.
+        nbytes = head.size * (2 if self.config.keep_archive else 1)
+        deadline = time.monotonic() + self.config.reserve_timeout
+        while True:
+            try:
+                return self.scratch.reserve(job.batch_id, nbytes, timeout=1.0, stop=stop)
+            except ScratchUnavailable:
+                # Prefetch waits for our own batches to finish rather than evicting or failing.
+                if stop.is_set() or (time.monotonic() >= deadline and not may_wait()):
+                    raise
+
+    def _stage_into(self, job: Job, reservation: Reservation, stop: threading.Event) -> StageResult:
+        from stagerd.stage import stage_batch
+
+        return stage_batch(
+            self.s3,
+            self.config.bucket,
+            job,
+            reservation,
+            keep_archive=self.config.keep_archive,
+            policy=self.config.stage_policy,
+            stop=stop,
+            max_members=self.settings.max_members,
+        )
+
+    # --- processing half ----------------------------------------------------------
+
+    def process(self, staged: Staged, processor: Processor, kill: threading.Event) -> None:
+        """Process, commit results + done, ack; the reservation is released in every path."""
+        from stagerd.processor import ProcessRequest
+
+        d, path = staged.delivery, staged.reservation.path
+        keep = False
+        try:
+            self.set_phase(d, "processing")
+            request = ProcessRequest(
+                batch_id=staged.job.batch_id,
+                batch_dir=path,
+                input_dir=path / "input",
+                results_path=path / "results.jsonl",
+            )
+            try:
+                outcome = processor.run(request, timeout=self.config.process_timeout, stop=kill)
+            except Exception as exc:
+                if not _handled(exc):
+                    raise
+                keep = self._end_failed(d, exc, "processing", kill)
+                return
+            self.set_phase(d, "committing")
+            committing = time.monotonic()
+            written = self.ledger.commit_results(
+                staged.job.batch_id,
+                outcome.results,
+                process_seconds=outcome.seconds,
+                worker=self.config.worker_id,
+            )
+            self._redis(lambda: self.queue.ack(d), "queue ack")
+            self._observe(
+                "done",
+                archive_bytes=staged.result.archive_bytes,
+                staging=staged.result.seconds,
+                processing=outcome.seconds,
+                committing=time.monotonic() - committing,
+            )
+            log.info(
+                "batch %s done: %d results%s",
+                staged.job.batch_id,
+                len(outcome.results),
+                "" if written else " (already committed before; nothing written)",
+                extra={**_ctx(d), "process_seconds": round(outcome.seconds, 3)},
+            )
+        finally:
+            staged.reservation.release(remove=not keep)
+
+    # --- endings ------------------------------------------------------------------
+
+    def requeue(self, d: Delivery, reason: str) -> None:
+        """Shutdown/prefetch hand-back: to the head of pending, attempt not counted."""
+        self._redis(lambda: self.queue.requeue(d, front=True), "queue requeue")
+        if d.batch_id is not None:
+            batch_id = d.batch_id
+            # Handing a job back is not a failed attempt; keep STAGERD_MAX_ATTEMPTS honest.
+            self._redis(
+                lambda: self.queue.client.hincrby(self.queue.keys.attempts, batch_id, -1),
+                "queue refund attempt",
+            )
+            self.ledger.mark_requeued(batch_id, reason)
+        log.info("requeued %s at the head: %s", d.batch_id, reason, extra=_ctx(d))
+
+    def _end_failed(
+        self, d: Delivery, exc: BaseException, phase: str, interrupted: threading.Event
+    ) -> bool:
+        """Carry out the ending of a failed job; True if its scratch dir should be kept."""
+        if interrupted.is_set():
+            self.requeue(d, f"worker shutting down during {phase}")
+            return False
+        reason = f"{phase} failed: {_brief(exc)}"
+        permanent = not is_transient(exc)
+        outcome = self._redis(
+            lambda: self.queue.retry_or_dead(d, reason, permanent=permanent), "queue retry"
+        )
+        level = log.error if outcome == "dead" else log.warning
+        level("batch %s %s: %s", d.batch_id, outcome, reason, extra=_ctx(d))
+        self._record(d.batch_id, reason, outcome, d, phase)
+        self._observe("dead" if outcome == "dead" else "failed")
+        return outcome == "dead" and self.config.keep_failed
+
+    def _observe(self, outcome: str, archive_bytes: int = 0, **phase_seconds: float) -> None:
+        """Count the batch in the Prometheus textfile (best effort: never fails a batch)."""
+        if self.metrics is None:
+            return
+        self.metrics.batches.labels(outcome).inc()
+        self.metrics.bytes.labels("in").inc(archive_bytes)
+        for phase, seconds in phase_seconds.items():
+            self.metrics.phase_seconds.labels(phase).observe(seconds)
+        try:
+            self.metrics.write()
+        except OSError as exc:
+            log.warning("cannot write metrics to %s: %s", self.metrics.path, exc)
+
+    def _record(
+        self, batch_id: str | None, reason: str, outcome: str, d: Delivery, phase: str
+    ) -> None:
+        # The queue transition already happened; a ledger outage must not undo it.
+        try:
+            self.ledger.record_failure(
+                batch_id,
+                reason,
+                outcome=outcome,
+                attempt=d.attempt,
+                worker=self.config.worker_id,
+                phase=phase,
+            )
+        except StagerdError as exc:
+            log.error("could not record the failure of %s: %s", batch_id, exc, extra=_ctx(d))
+
+
+def _ctx(d: Delivery) -> dict[str, Any]:
+    return {"batch_id": d.batch_id, "attempt": d.attempt}

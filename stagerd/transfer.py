@@ -1,0 +1,230 @@
+"""The transfer pipeline: check the archive, upload it, verify it, enqueue it exactly once.
+
+:func:`transfer` is what ``stagerd transfer upload`` and the watcher run; the seed's
+:func:`upload_archive` and :func:`get_s3_client` keep their names and signatures for the
+existing transfer worker code. Order matters: everything that can be refused cheaply (batch
+id, file, tar structure, configuration, Redis and bucket reachability) is checked before a
+byte is sent, and the job is pushed only after the object is complete and verified, so
+nothing half-done is ever enqueued.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stagerd.config import S3Settings, Settings, redact_url
+from stagerd.errors import PermanentError, ServiceUnavailable
+from stagerd.ids import archive_key, validate_batch_id
+from stagerd.job import Job
+from stagerd.keys import QueueKeys
+from stagerd.log import get_logger
+from stagerd.progress import make_progress
+from stagerd.retry import RetryPolicy
+from stagerd.s3 import get_s3_client
+from stagerd.tarcheck import check_tar
+
+if TYPE_CHECKING:
+    import redis
+    from mypy_boto3_s3 import S3Client
+
+__all__ = ["TransferReport", "TransferRequest", "get_s3_client", "transfer", "upload_archive"]
+
+log = get_logger(__name__)
+# Before any upload, an unreachable endpoint should be reported in seconds, not after the
+# full per-part retry budget.
+PROBE_POLICY = RetryPolicy(attempts=3, base=0.5, max_delay=2.0, total=30.0)
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """One archive to transfer. ``None`` part size/concurrency mean "from settings"."""
+
+    path: Path
+    batch_id: str
+    file_count: int | None = None
+    enqueue: bool = True
+    force: bool = False
+    part_size: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """The command's JSON result."""
+
+    batch_id: str
+    s3_key: str
+    bytes: int
+    sha256: str
+    parts: int
+    part_size: int
+    uploaded_bytes: int
+    resumed_bytes: int
+    enqueued: bool
+    seconds: float
+    file_count: int
+    bucket: str
+    already_uploaded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def transfer(
+    settings: Settings,
+    request: TransferRequest,
+    *,
+    policy: RetryPolicy | None = None,
+    stop: threading.Event | None = None,
+    progress_mode: str = "auto",
+) -> TransferReport:
+    """Check, upload, verify and (unless ``enqueue=False``) enqueue one archive.
+
+    Raises InvalidBatchId (exit 2), ConfigError (exit 2), PermanentError/ArchiveRejected
+    (bad file, 403, missing bucket), ServiceUnavailable/TransientError (S3 or Redis
+    unreachable), UploadInterrupted (stop was set; rerun resumes).
+    """
+    from stagerd.multipart import UploadOptions, UploadTarget, upload_file
+
+    started = time.monotonic()
+    batch_id = validate_batch_id(request.batch_id)
+    key = archive_key(batch_id)
+    path = Path(request.path)
+    _check_readable(path)
+    file_count = _file_count(path, request.file_count)
+    if request.concurrency is not None:
+        settings = settings.replace(concurrency=request.concurrency)
+    s3 = settings.require_s3()
+    redis_client = _connect_redis(settings) if request.enqueue else None
+    client = get_s3_client(s3)
+    _probe_bucket(client, s3)
+    size = path.stat().st_size
+    options = UploadOptions(
+        part_size=request.part_size or settings.part_size,
+        concurrency=settings.concurrency,
+        max_parts=settings.max_parts,
+        policy=policy or RetryPolicy(),
+        metadata={"stagerd-batch-id": batch_id},
+        force=request.force,
+    )
+    progress = make_progress(f"upload {batch_id}", size, mode=progress_mode)
+    try:
+        target = UploadTarget(client, s3.bucket, key, s3.endpoint)
+        result = upload_file(target, path, options, stop=stop, progress=progress)
+    finally:
+        progress.close()
+    enqueued = False
+    if redis_client is not None:
+        job = Job.new(batch_id, file_count=file_count, size=result.size, sha256=result.sha256)
+        enqueued = _enqueue(redis_client, settings, job, force=request.force)
+    report = TransferReport(
+        batch_id=batch_id,
+        s3_key=key,
+        bytes=result.size,
+        sha256=result.sha256,
+        parts=result.parts,
+        part_size=result.part_size,
+        uploaded_bytes=result.uploaded_bytes,
+        resumed_bytes=result.resumed_bytes,
+        enqueued=enqueued,
+        seconds=round(time.monotonic() - started, 3),
+        file_count=file_count,
+        bucket=s3.bucket,
+        already_uploaded=result.already_complete,
+    )
+    log.info("transferred %s", key, extra=report.to_dict())
+    return report
+
+
+def upload_archive(local_path: Path, batch_id: str) -> str:
+    """Upload archive to S3, return S3 key (the seed's interface; resumable and verified).
+
+    Settings come from the environment as in the seed. Does not enqueue: the seed's caller
+    pushes the job itself.
+    """
+    request = TransferRequest(Path(local_path), batch_id, enqueue=False)
+    return transfer(Settings.from_env(), request, progress_mode="none").s3_key
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise PermanentError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise PermanentError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        if not os.path.isfile(path):
+            raise PermanentError(f"{path}: not a regular file")
+    finally:
+        os.close(fd)
+
+
+def _file_count(path: Path, given: int | None) -> int:
+    summary = check_tar(path)
+    if given is not None and given != summary.file_count:
+        log.warning(
+            "--file-count %d differs from the %d regular files in %s; using %d",
+            given,
+            summary.file_count,
+            path,
+            given,
+        )
+    return summary.file_count if given is None else given
+
+
+def _connect_redis(settings: Settings) -> redis.Redis:
+    import redis as redis_lib
+
+    from stagerd.queue import connect
+
+    client = connect(settings.redis_url)
+    try:
+        client.ping()
+    except (redis_lib.RedisError, OSError) as exc:
+        raise ServiceUnavailable(
+            f"Redis at {redact_url(settings.redis_url)} unreachable: {exc}"
+        ) from None
+    return client
+
+
+def _probe_bucket(client: S3Client, s3: S3Settings) -> None:
+    """Fail before uploading when the endpoint, the bucket or the credentials are wrong."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.retry import is_transient
+    from stagerd.s3 import describe_client_error
+
+    try:
+        PROBE_POLICY.call(lambda: client.head_bucket(Bucket=s3.bucket), what="S3 HeadBucket")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchBucket", "NotFound"}:
+            raise PermanentError(
+                f"S3 bucket {s3.bucket!r} does not exist at {s3.endpoint}"
+            ) from None
+        message = describe_client_error(exc, s3.bucket, s3.endpoint)
+        raise (ServiceUnavailable if is_transient(exc) else PermanentError)(message) from None
+    except (BotoCoreError, OSError) as exc:
+        raise ServiceUnavailable(describe_client_error(exc, s3.bucket, s3.endpoint)) from None
+
+
+def _enqueue(client: redis.Redis, settings: Settings, job: Job, *, force: bool) -> bool:
+    import redis as redis_lib
+
+    from stagerd.queue import enqueue_once
+
+    try:
+        pushed = enqueue_once(client, QueueKeys(settings.queue), job, force=force)
+    except (redis_lib.RedisError, OSError) as exc:
+        raise ServiceUnavailable(
+            f"Redis at {redact_url(settings.redis_url)} unreachable while enqueuing "
+            f"{job.batch_id} (the archive is uploaded; rerun to enqueue): {exc}"
+        ) from None
+    if not pushed:
+        log.info("%s already enqueued with this digest; not enqueued again", job.batch_id)
+    return pushed

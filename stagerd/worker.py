@@ -1,0 +1,251 @@
+"""The GPU worker: ``run(settings, options, stop)``.
+
+Connects (PostgreSQL migrated, Redis registered: our own in-flight jobs of a previous run
+go back to the head of the queue), then runs ``--concurrency`` slots over one scratch
+budget, each the pipeline pop -> validate -> ledger 'staging' -> reserve -> stage ->
+'processing' -> process -> commit results + 'done' -> ack -> cleanup
+(:mod:`stagerd.pipeline`, :mod:`stagerd.prefetch`). A heartbeat thread keeps this worker
+alive in Redis and recovers the jobs of workers whose heartbeat expired.
+
+Shutdown is the *stop* event (signals are handled by the command only): slots stop taking
+jobs, staging and prefetched batches are requeued at once, a batch in processing gets
+``drain_timeout`` seconds, then ``kill`` is set, the processor is killed and the batch
+requeued. ``run`` returns normally on a clean shutdown and re-raises a slot's crash.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from stagerd.errors import ConfigError
+from stagerd.log import get_logger
+from stagerd.pipeline import SERVICE_POLICY, BatchSteps, StepConfig
+from stagerd.prefetch import InFlight, Slot
+from stagerd.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from stagerd.config import Settings
+    from stagerd.queue import ReliableQueue
+
+log = get_logger(__name__)
+PROCESSOR_MODES = ("oneshot", "persistent")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """The command-line knobs of ``stagerd gpu`` (settings come from the environment)."""
+
+    concurrency: int = 1
+    prefetch: int = 1
+    burst: bool = False
+    keep_archive: bool = False
+    keep_failed: bool = False
+    processor: str | None = None  # default: settings.processor (STAGERD_PROCESSOR)
+    processor_mode: str = "oneshot"
+    drain_timeout: float = 60.0
+    worker_id: str | None = None  # default: settings.worker_id (STAGERD_WORKER_ID)
+    reserve_timeout: float = 600.0
+    tick: float = 1.0
+    on_ready: Callable[[], object] | None = None  # systemd READY=1
+    on_tick: Callable[[], object] | None = None  # systemd WATCHDOG=1, from this loop
+    stage_policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+def run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> None:
+    """Work until *stop* is set, or (``burst``) until the queue is empty and nothing is in
+    flight. Raises ConfigError on missing configuration, ServiceUnavailable when a backing
+    service stays unreachable, and re-raises an unexpected error of a slot after shutdown."""
+    _check(options)
+    steps, queue = _connect(settings, options)
+    worker_id = queue.worker_id
+    kill = threading.Event()
+    heartbeat = Heartbeat(queue, settings.database_url, stop)
+    heartbeat.start()
+    slots = _start_slots(steps, settings, options, stop, kill)
+    log.info(
+        "worker %s ready: concurrency %d, prefetch %d%s",
+        worker_id,
+        options.concurrency,
+        options.prefetch,
+        ", burst" if options.burst else "",
+        extra={"worker": worker_id},
+    )
+    if options.on_ready is not None:
+        options.on_ready()
+    try:
+        _supervise(slots, options, stop, kill)
+    finally:
+        heartbeat.stop()
+        steps.ledger.close()
+        try:
+            SERVICE_POLICY.call(queue.deregister, what="queue deregister")
+        except Exception as exc:
+            if not SERVICE_POLICY.classify(exc):
+                raise
+            log.warning("could not drop the heartbeat of %s: %s", worker_id, exc)
+    errors = [exc for slot in slots for exc in slot.errors] + heartbeat.errors
+    if errors:
+        raise errors[0]
+    log.info("worker %s stopped cleanly", worker_id, extra={"worker": worker_id})
+
+
+def _check(options: WorkerOptions) -> None:
+    if options.concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {options.concurrency}")
+    if options.prefetch < 0:
+        raise ConfigError(f"--prefetch must be 0 or more, got {options.prefetch}")
+    if options.processor_mode not in PROCESSOR_MODES:
+        raise ConfigError(
+            f"--processor-mode must be oneshot or persistent, got {options.processor_mode!r}"
+        )
+    if options.drain_timeout < 0:
+        raise ConfigError(f"--drain-timeout must not be negative, got {options.drain_timeout}")
+
+
+def _connect(settings: Settings, options: WorkerOptions) -> tuple[BatchSteps, ReliableQueue]:
+    """Every IO edge, connected: migrate, register in Redis, open scratch and S3."""
+    from stagerd.db import Ledger, migrate
+    from stagerd.metrics import Metrics
+    from stagerd.queue import ReliableQueue
+    from stagerd.s3 import get_s3_client
+    from stagerd.scratch import ScratchManager
+
+    s3 = settings.require_s3()
+    database_url = settings.require_database()
+    if not (options.processor or settings.processor):
+        raise ConfigError("STAGERD_PROCESSOR: not set (or pass --processor CMD)")
+    migrate(database_url)
+    queue = ReliableQueue.from_settings(settings, options.worker_id)
+    taken = SERVICE_POLICY.call(queue.register, what="queue register")
+    if taken:
+        log.info("took back %d job(s) of this worker's previous run", taken)
+    config = StepConfig(
+        worker_id=queue.worker_id,
+        bucket=s3.bucket,
+        keep_archive=options.keep_archive,
+        keep_failed=options.keep_failed,
+        process_timeout=settings.process_timeout,
+        reserve_timeout=options.reserve_timeout,
+        stage_policy=options.stage_policy,
+    )
+    steps = BatchSteps(
+        settings,
+        config,
+        queue=queue,
+        ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}"),
+        scratch=ScratchManager.from_settings(settings),
+        s3=get_s3_client(settings),
+        metrics=Metrics(settings.metrics_file, "gpu"),
+    )
+    return steps, queue
+
+
+def _start_slots(
+    steps: BatchSteps,
+    settings: Settings,
+    options: WorkerOptions,
+    stop: threading.Event,
+    kill: threading.Event,
+) -> list[Slot]:
+    from stagerd.processor import Processor, make_processor
+
+    command = options.processor or settings.processor
+    assert command is not None  # checked in _connect
+
+    def new_processor() -> Processor:
+        return make_processor(command, options.processor_mode)
+
+    in_flight = InFlight()
+    slots = [
+        Slot(
+            i,
+            steps,
+            new_processor,
+            prefetch=options.prefetch,
+            burst=options.burst,
+            stop=stop,
+            kill=kill,
+            in_flight=in_flight,
+        )
+        for i in range(options.concurrency)
+    ]
+    for slot in slots:
+        slot.start()
+    return slots
+
+
+def _supervise(
+    slots: list[Slot], options: WorkerOptions, stop: threading.Event, kill: threading.Event
+) -> None:
+    """The main loop: watchdog ticks, and the drain deadline once *stop* is set."""
+    drain_deadline: float | None = None
+    while any(slot.alive() for slot in slots):
+        if not stop.is_set():
+            stop.wait(options.tick)
+        else:
+            time.sleep(min(0.1, options.tick))
+            if drain_deadline is None:
+                drain_deadline = time.monotonic() + options.drain_timeout
+                log.info("stopping: draining for up to %.0fs", options.drain_timeout)
+            if time.monotonic() >= drain_deadline and not kill.is_set():
+                log.warning("drain timeout reached: killing the processor, requeueing")
+                kill.set()
+        if options.on_tick is not None:
+            options.on_tick()
+    for slot in slots:
+        slot.join()
+
+
+class Heartbeat:
+    """Keeps this worker's heartbeat fresh (every TTL/3) and, every TTL, recovers the
+    in-flight jobs of workers whose heartbeat expired (any live worker may do it)."""
+
+    def __init__(
+        self, queue: ReliableQueue, database_url: str | None, stop: threading.Event
+    ) -> None:
+        self._queue = queue
+        self._database_url = database_url
+        self._stop = stop
+        self.errors: list[BaseException] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        interval = max(0.05, self._queue.heartbeat_ttl / 3)
+        beats = 0
+        while not self._done.wait(0 if beats == 0 else interval):
+            try:
+                self._queue.heartbeat()
+                if beats % 3 == 0:
+                    self._recover()
+            except Exception as exc:
+                # Redis/PostgreSQL outages are retried next beat; anything else is a bug.
+                if not SERVICE_POLICY.classify(exc):
+                    log.exception("heartbeat thread failed; stopping the worker")
+                    self.errors.append(exc)
+                    self._stop.set()
+                    return
+                log.warning("heartbeat failed (will retry): %s", exc)
+            beats += 1
+
+    def _recover(self) -> None:
+        from stagerd.db import requeue_stale_batches
+        from stagerd.queue import recover_orphans
+
+        report = recover_orphans(
+            self._queue.client, self._queue.keys, max_attempts=self._queue.max_attempts
+        )
+        if self._database_url and (report.requeued or report.dead_lettered):
+            stale = requeue_stale_batches(self._database_url, report.dead_workers)
+            log.info("ledger: %d batch(es) of dead workers marked requeued", len(stale))

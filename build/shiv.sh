@@ -8,6 +8,7 @@
 #   --platform TAG          wheel platform tag, repeatable (default manylinux2014_$(uname -m))
 #   --interpreter CMD       shebang command (default "/usr/bin/env python3"), e.g. /usr/bin/python3.10
 #   --work DIR              scratch directory (default build/work)
+#   --aws-services LIST     botocore service models to keep, comma-separated (default s3; "all")
 #   --print-build-id        print the build id of these inputs and exit (nothing is built)
 #   --lock                  re-resolve build/requirements.lock from pyproject.toml and exit
 # Environment:
@@ -31,6 +32,7 @@ python_version=""
 platforms=()
 interpreter="/usr/bin/env python3"
 work_root="$here/work"
+aws_services="s3"
 action=build
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
         --platform) platforms+=("$2"); shift 2 ;;
         --interpreter) interpreter="$2"; shift 2 ;;
         --work) work_root="$2"; shift 2 ;;
+        --aws-services) aws_services="$2"; shift 2 ;;
         --print-build-id) action=print-id; shift ;;
         --lock) action=lock; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -70,11 +73,12 @@ if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
 fi
 export SOURCE_DATE_EPOCH
 target_json="$("$py" - "$python_version" "$interpreter" "$shiv_version" "$SOURCE_DATE_EPOCH" \
-    "${platforms[@]}" <<'EOF'
+    "$aws_services" "${platforms[@]}" <<'EOF'
 import json, sys
-version, interpreter, shiv, epoch, *platforms = sys.argv[1:]
+version, interpreter, shiv, epoch, aws, *platforms = sys.argv[1:]
 print(json.dumps({"python_version": version, "interpreter": interpreter, "shiv": shiv,
-                  "source_date_epoch": int(epoch), "platforms": platforms}, sort_keys=True))
+                  "source_date_epoch": int(epoch), "aws_services": aws,
+                  "platforms": platforms}, sort_keys=True))
 EOF
 )"
 build_id="$(tool build-id "$lock" "$target_json")"
@@ -114,6 +118,15 @@ fi
     --no-index --find-links "$wheelhouse" --target "$site" "${target_args[@]}" \
     -r "$work/pins.txt"
 
+# botocore ships the models of ~450 AWS services (2,000 files, 28 MB); stagerd talks to S3
+# only. Every zip entry costs start time (shiv and zipimport read the whole directory on
+# each start), so keep just the models used.
+if [ "$aws_services" != all ]; then
+    for model_dir in "$site"/botocore/data/*/ "$site"/boto3/data/*/; do
+        [ -d "$model_dir" ] || continue
+        [[ ",$aws_services," == *",$(basename "$model_dir"),"* ]] || rm -rf "$model_dir"
+    done
+fi
 # Drop what would make the bytes depend on the build host: console scripts carry this
 # machine's interpreter path in their shebang, and RECORD lists their hashes.
 rm -rf "$site/bin"

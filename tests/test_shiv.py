@@ -86,6 +86,10 @@ def test_artifact_is_an_executable_zipapp_with_the_stamp(artifact: Artifact) -> 
     assert "site-packages/stagerd/cli.py" in names
     assert "site-packages/bin/stagerd-preamble.py" in names
     assert not any(name.endswith(".pyc") for name in names)
+    # Only the S3 service model of botocore's ~450 ships (the others cost start time).
+    assert "site-packages/botocore/data/s3/2006-03-01/service-2.json.gz" in names
+    assert "site-packages/botocore/data/endpoints.json" in names
+    assert not any(name.startswith("site-packages/botocore/data/ec2/") for name in names)
     assert f"BUILD_ID = '{artifact.build_id}'" in stamp
     assert f"PYTHON_VERSION = '{RUNNING}'" in stamp
     # Every entry carries SOURCE_DATE_EPOCH's date, not the build's wall clock.
@@ -240,11 +244,13 @@ def test_build_id_changes_with_the_target() -> None:
         ["--python-version", "3.10"],
         ["--platform", "manylinux_2_28_x86_64"],
         ["--interpreter", "/usr/bin/python3.12"],
+        ["--aws-services", "all"],
+        ["--aws-services", "s3,sts"],
     ):
         done = run_shiv_sh(["--print-build-id", *extra], timeout=120)
         assert done.returncode == 0, done.stderr
         ids.add(done.stdout.strip())
-    assert len(ids) == 4
+    assert len(ids) == 6
 
 
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     """Console entry point: run the app, turning StagerdError into one line and an exit code."""
     try:
-        app()
+        app(prog_name="stagerd")
     except StagerdError as exc:
         typer.echo(f"stagerd: error: {exc}", err=True)
         sys.exit(exc.exit_code)

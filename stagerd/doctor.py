@@ -167,7 +167,7 @@ def check_redis(settings: Settings) -> Check:
 
     where = redact_url(settings.redis_url)
     try:
-        client = connect(settings.redis_url)
+        client = connect(settings.redis_url, retries=1)
         client.ping()
         depth = client.llen(settings.queue)
     except (redis.RedisError, OSError) as exc:

@@ -199,18 +199,34 @@ class BatchSteps:
                     raise
 
     def _stage_into(self, job: Job, reservation: Reservation, stop: threading.Event) -> StageResult:
+        from stagerd.progress import make_progress
         from stagerd.stage import stage_batch
 
-        return stage_batch(
-            self.s3,
-            self.config.bucket,
-            job,
-            reservation,
-            keep_archive=self.config.keep_archive,
-            policy=self.config.stage_policy,
-            stop=stop,
-            max_members=self.settings.max_members,
-        )
+        # A bar on a terminal; under systemd, a JSON progress line every few seconds.
+        size = job.size or reservation.nbytes // (2 if self.config.keep_archive else 1)
+        progress = make_progress(f"stage {job.batch_id}", size)
+        reported = 0
+
+        def on_progress(consumed: int) -> None:
+            # stage_batch reports a running total; Progress counts increments.
+            nonlocal reported
+            progress.advance(consumed - reported)
+            reported = consumed
+
+        try:
+            return stage_batch(
+                self.s3,
+                self.config.bucket,
+                job,
+                reservation,
+                keep_archive=self.config.keep_archive,
+                policy=self.config.stage_policy,
+                stop=stop,
+                on_progress=on_progress,
+                max_members=self.settings.max_members,
+            )
+        finally:
+            progress.close()
 
     # --- processing half ----------------------------------------------------------
 

@@ -97,9 +97,12 @@ return 1
 """
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, *, retries: int = 6) -> redis.Redis:
     """A Redis client that retries its own connection errors briefly and detects dead
-    connections, so a Redis restart costs a few seconds rather than a crash."""
+    connections, so a Redis restart costs a few seconds rather than a crash.
+
+    Interactive tools pass ``retries=1``: an operator asking for status wants to hear at
+    once that Redis is down, not after the long services' patience."""
     import redis as redis_lib
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
@@ -109,7 +112,7 @@ def connect(url: str) -> redis.Redis:
         socket_timeout=30,
         socket_connect_timeout=5,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 6),
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
         retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError],
     )
 

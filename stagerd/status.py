@@ -32,7 +32,7 @@ def collect(settings: Settings, *, failures: int = 10) -> dict[str, Any]:
     errors: list[str] = []
     out: dict[str, Any] = {"queue": None, "workers": None, "scratch": None, "recent_failures": None}
     try:
-        client = connect(settings.redis_url)
+        client = connect(settings.redis_url, retries=1)
         keys = QueueKeys(settings.queue)
         out["queue"] = queue_section(client, keys)
         out["workers"] = worker_section(client, keys)

@@ -96,3 +96,20 @@ def test_help_does_not_import_heavy_libraries(run_cli, tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_shell_completion_script_and_answers(run_cli, tmp_path: Path) -> None:
+    script = run_cli(["--show-completion", "bash"], env=_env(tmp_path))
+    assert script.returncode == 0 and "_STAGERD_COMPLETE=complete_bash" in script.stdout
+    env = _env(
+        tmp_path, COMP_WORDS="stagerd dlq ", COMP_CWORD="2", _STAGERD_COMPLETE="complete_bash"
+    )
+    answers = run_cli([], env=env)
+    assert answers.stdout.split() == ["list", "show", "retry", "purge"]
+    top = run_cli(
+        [],
+        env=_env(
+            tmp_path, COMP_WORDS="stagerd ja", COMP_CWORD="1", _STAGERD_COMPLETE="complete_bash"
+        ),
+    )
+    assert top.stdout.split() == ["janitor"]

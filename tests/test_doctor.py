@@ -45,3 +45,15 @@ def test_processor_and_scratch_pass(run_cli, stagerd_env) -> None:
 def test_bad_role_is_usage_error(run_cli, stagerd_env) -> None:
     result = run_cli(["doctor", "--role", "orchestrator"], env=stagerd_env)
     assert result.returncode == 2 and "--role" in result.stderr
+
+
+def test_postgres_check_wants_migrations(run_cli, stagerd_env) -> None:
+    env = {**stagerd_env, "STAGERD_PROCESSOR": f"{sys.executable} -m stagerd.samples.wavinfo"}
+    before = json.loads(run_cli(["doctor", "--json"], env=env).stdout)
+    pg = {c["name"]: c for c in before["checks"]}["postgres"]
+    assert not pg["ok"] and "not applied" in pg["detail"] and "stagerd db migrate" in pg["hint"]
+    assert run_cli(["db", "migrate"], env=env).returncode == 0
+    after = run_cli(["doctor", "--json"], env=env)
+    data = json.loads(after.stdout)
+    assert {c["name"]: c for c in data["checks"]}["postgres"]["ok"]
+    assert after.returncode == 0 and data["ok"] is True, after.stdout

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stagerd import db
 from stagerd.keys import QueueKeys
+from tests.faultproxy import FaultProxy
 from tests.worker_support import (
     WAVINFO,
-    ThrottledProxy,
     make_tar,
     pending_ids,
     phases,
@@ -26,6 +28,7 @@ from tests.worker_support import (
 )
 
 
+@pytest.mark.interop
 def test_gpu_burst_end_to_end_and_db_results(
     run_cli: Any,
     stagerd_env: dict[str, str],
@@ -48,6 +51,15 @@ def test_gpu_burst_end_to_end_and_db_results(
     assert redis_client.llen(queue_name) == 0
     for secret in (stagerd_env["S3_SECRET_KEY"], stagerd_env["S3_ACCESS_KEY"]):
         assert secret not in result.stderr + result.stdout
+    # Off a terminal (systemd), staging reports quiet JSON progress lines on stderr.
+    progress = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and '"event": "progress"' in line
+    ]
+    finals = {p["label"]: p for p in progress if p.get("final")}
+    assert set(finals) == {"stage e0", "stage e1"}
+    assert all(p["percent"] == 100.0 and p["bytes"] == p["total"] for p in finals.values())
 
 
 def test_usage_errors_exit_2_with_one_line(run_cli: Any, stagerd_env: dict[str, str]) -> None:
@@ -136,7 +148,7 @@ def test_sigterm_while_staging_requeues_at_once(
 ) -> None:
     put_batch(s3_client, redis_client, s3_bucket, queue_name, "slow", make_tar(12, seconds=20))
     put_batch(s3_client, redis_client, s3_bucket, queue_name, "next", make_tar())
-    with ThrottledProxy(s3_server.endpoint, rate=500_000) as proxy:
+    with FaultProxy(s3_server.endpoint, throttle_down=500_000) as proxy:
         env = {**stagerd_env, "S3_ENDPOINT": proxy.endpoint, "STAGERD_PROCESSOR": WAVINFO}
         proc = start_worker(env, "--prefetch", "0")
         try:

@@ -45,3 +45,18 @@ def test_status_reports_unreachable_redis(run_cli, stagerd_env) -> None:
         "redis at redis://:***@127.0.0.1:9/0"
     )
     assert "pw-secret-1" not in result.stdout + result.stderr
+
+
+def test_status_shows_scratch_reservations(run_cli, stagerd_env, settings) -> None:
+    from stagerd.scratch import ScratchManager
+
+    manager = ScratchManager.from_settings(settings)
+    with manager.reserve("held-batch", 10 * 1024 * 1024) as reservation:
+        (reservation.path / "x").write_bytes(b"0" * 4096)
+        data = json.loads(run_cli(["status", "--json"], env=stagerd_env).stdout)
+        scratch = data["scratch"]
+        assert scratch["budget"] == 2 * 1024**3
+        assert scratch["reserved"] == 10 * 1024 * 1024
+        assert [r["batch_id"] for r in scratch["reservations"]] == ["held-batch"]
+    after = json.loads(run_cli(["status", "--json"], env=stagerd_env).stdout)
+    assert after["scratch"]["reserved"] == 0 and after["scratch"]["reservations"] == []

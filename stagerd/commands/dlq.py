@@ -31,7 +31,7 @@ def _dead_letters(ctx: typer.Context) -> tuple[DeadLetters, Settings]:
     from stagerd.queue import connect
 
     settings = state(ctx).settings()
-    return DeadLetters(connect(settings.redis_url), QueueKeys(settings.queue)), settings
+    return DeadLetters(connect(settings.redis_url, retries=1), QueueKeys(settings.queue)), settings
 
 
 @dlq_app.command("list")

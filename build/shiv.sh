@@ -81,7 +81,7 @@ print(json.dumps({"python_version": version, "interpreter": interpreter, "shiv":
                   "platforms": platforms}, sort_keys=True))
 EOF
 )"
-build_id="$(tool build-id "$lock" "$target_json")"
+build_id="$(tool build-id "$lock" "$target_json")" || exit 2
 if [ "$action" = print-id ]; then
     echo "$build_id"
     exit 0

@@ -94,7 +94,7 @@ def write_lock(path: Path) -> None:
         f"# {', '.join(LOCK_PYTHONS)} on {LOCK_PLATFORM} (binary wheels only).",
         "# A pin that differs between Python versions carries a python_version marker;",
         "# build/shiv.sh installs the pins of its target version with --no-deps.",
-        "# Inputs: " + "; ".join(requirements),
+        lock_inputs_line(),
     ]
     for name in sorted(pins):
         versions = pins[name]
@@ -107,8 +107,23 @@ def write_lock(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def lock_inputs_line() -> str:
+    requirements = [str(r) for r in project_metadata()["dependencies"]]  # type: ignore[attr-defined]
+    return "# Inputs: " + "; ".join(requirements)
+
+
+def check_fresh(lock: Path) -> None:
+    """Exit 2 if pyproject's dependencies changed since *lock* was resolved."""
+    if lock_inputs_line() not in lock.read_text().splitlines():
+        raise SystemExit(
+            f"shiv.sh: {lock} is stale: pyproject.toml [project].dependencies changed; "
+            "run build/shiv.sh --lock and commit the result"
+        )
+
+
 def select(lock: Path, python_version: str) -> list[str]:
     """The ``name==version`` pins of *lock* that apply to *python_version*."""
+    check_fresh(lock)
     markers = _marker_module()
     major, minor = python_version.split(".")[:2]
     environment = {

@@ -237,6 +237,13 @@ def test_lock_pins_depend_on_the_target_python() -> None:
     assert len({pin.split("==")[0] for pin in py310}) == len(py310)
 
 
+def test_lock_matches_the_project_dependencies() -> None:
+    """A dependency added to pyproject.toml without re-locking fails here, not in prod."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lock_lines = (ROOT / "build" / "requirements.lock").read_text().splitlines()
+    assert "# Inputs: " + "; ".join(dependencies) in lock_lines
+
+
 def test_build_id_changes_with_the_target() -> None:
     ids = set()
     for extra in (

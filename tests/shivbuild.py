@@ -8,6 +8,7 @@ An unchanged tree reuses the previous session's artifact; any change builds afre
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import os
 import shutil
@@ -80,17 +81,22 @@ def session_artifact() -> Artifact:
         return _session[build_id]
     out = CACHE / build_id / "stagerd"
     checksum = out.with_name("stagerd.sha256")
-    fresh = (
-        out.is_file() and checksum.is_file() and checksum.read_text().split()[0] == sha256_of(out)
-    )
-    if not fresh:
-        # Keep one cached artifact: older trees' builds are 27 MB each.
-        if CACHE.is_dir():
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers (pytest -n) share the cache: one builds, the others wait.
+    with open(CACHE.parent / "test-artifacts.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fresh = (
+            out.is_file()
+            and checksum.is_file()
+            and checksum.read_text().split()[0] == sha256_of(out)
+        )
+        if not fresh:
+            # Keep one cached artifact: older trees' builds are 27 MB each.
             for old in CACHE.iterdir():
                 if old.name != build_id:
                     shutil.rmtree(old, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        build(out, work=ROOT / "build" / "work")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            build(out, work=ROOT / "build" / "work")
     artifact = Artifact(out, build_id, sha256_of(out))
     _session[build_id] = artifact
     return artifact

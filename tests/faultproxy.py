@@ -12,6 +12,11 @@ of requests chosen by a seeded RNG, does one of:
 - ``truncate``       send the response head (its Content-Length promises more) and half the
                      body, then close cleanly: the client sees a short body
 
+Pacing: ``throttle_up`` / ``throttle_down`` limit client->server / server->client bodies to
+that many bytes per second, all connections together (one slow link), e.g. to kill a process
+while it is inside a phase. Scripted faults: ``fail_first(n, kind, match)`` gives the first
+*n* requests *match* accepts that fault, whatever the rate.
+
 Everything else passes through byte for byte (Range, If-Match, SigV4 headers, Host), with
 keep-alive, ``Expect: 100-continue`` and chunked bodies, streamed in 256 KiB pieces so
 hundreds of MiB go through in seconds. Counts of what was injected, per kind, are kept.
@@ -27,10 +32,12 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from io import BufferedReader
+from typing import Protocol
 from urllib.parse import urlsplit
 
 FAULT_KINDS = (
@@ -56,6 +63,50 @@ _ERROR_REPLIES = {
 _CHUNK = 256 * 1024
 _CHUNKED_CUT = 8192  # data bytes forwarded of a chunked body before a cut
 _MAX_HEAD = 64 * 1024
+
+
+class _Sink(Protocol):
+    def sendall(self, data: bytes, /) -> None: ...
+
+
+class Pacer:
+    """A shared link of *rate* bytes/s: each send waits for its slot (thread-safe)."""
+
+    SLICE = 16 * 1024  # paced in small slices so the flow is smooth, not bursts of _CHUNK
+
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0 bytes/s, got {rate}")
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def wait(self, nbytes: int) -> None:
+        with self._lock:
+            start = max(self._next, time.monotonic())
+            self._next = start + nbytes / self.rate
+        delay = start - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class _Paced:
+    """A socket's sendall, paced by a :class:`Pacer`."""
+
+    def __init__(self, sock: socket.socket, pacer: Pacer) -> None:
+        self.sock = sock
+        self.pacer = pacer
+
+    def sendall(self, data: bytes, /) -> None:
+        view = memoryview(data)
+        for at in range(0, len(view), Pacer.SLICE):
+            piece = view[at : at + Pacer.SLICE]
+            self.pacer.wait(len(piece))
+            self.sock.sendall(piece)
+
+
+def _paced(sock: socket.socket, pacer: Pacer | None) -> _Sink:
+    return sock if pacer is None else _Paced(sock, pacer)
 
 
 class _Closed(Exception):
@@ -121,6 +172,13 @@ class FaultEvent:
     kind: str
 
 
+@dataclass
+class _Scripted:
+    kind: str
+    match: Callable[[Head], bool]
+    left: int
+
+
 @dataclass(frozen=True)
 class FaultStats:
     """A snapshot: requests seen, faults injected per kind, and the faulted requests."""
@@ -161,7 +219,7 @@ def _read_head(reader: BufferedReader) -> Head | None:
     return Head(lines[0], tuple(headers))
 
 
-def _copy_fixed(reader: BufferedReader, dst: socket.socket | None, n: int) -> None:
+def _copy_fixed(reader: BufferedReader, dst: _Sink | None, n: int) -> None:
     """Copy exactly *n* bytes (dst None: discard)."""
     while n > 0:
         data = reader.read1(min(n, _CHUNK))
@@ -172,7 +230,7 @@ def _copy_fixed(reader: BufferedReader, dst: socket.socket | None, n: int) -> No
         n -= len(data)
 
 
-def _copy_chunked(reader: BufferedReader, dst: socket.socket | None, cut: int | None) -> bool:
+def _copy_chunked(reader: BufferedReader, dst: _Sink | None, cut: int | None) -> bool:
     """Copy a chunked body as is; with *cut*, stop after that many data bytes, withholding
     the last chunk so the body is always left unfinished. Returns whether it completed."""
     sent = 0
@@ -202,7 +260,7 @@ def _copy_chunked(reader: BufferedReader, dst: socket.socket | None, cut: int | 
             return True
 
 
-def _copy_until_close(reader: BufferedReader, dst: socket.socket, cut: int | None) -> bool:
+def _copy_until_close(reader: BufferedReader, dst: _Sink, cut: int | None) -> bool:
     sent = 0
     while cut is None or sent < cut:
         data = reader.read1(_CHUNK if cut is None else min(_CHUNK, cut - sent))
@@ -310,13 +368,14 @@ class _Session:
 
     def relay_request_body(self, req: Head, cut: bool) -> bool:
         assert self.upstream is not None
+        up = _paced(self.upstream, self.proxy.up)
         if req.chunked:
-            return _copy_chunked(self.creader, self.upstream, _CHUNKED_CUT if cut else None)
+            return _copy_chunked(self.creader, up, _CHUNKED_CUT if cut else None)
         length = req.content_length or 0
         if cut:
-            _copy_fixed(self.creader, self.upstream, length // 2)
+            _copy_fixed(self.creader, up, length // 2)
             return False
-        _copy_fixed(self.creader, self.upstream, length)
+        _copy_fixed(self.creader, up, length)
         return True
 
     def relay_response(self, req: Head, resp: Head, kind: str | None) -> bool:
@@ -334,12 +393,13 @@ class _Session:
             self.damage_response(resp, length, kind)
             return False
         self.client.sendall(resp.encode())
+        down = _paced(self.client, self.proxy.down)
         if resp.chunked:
-            _copy_chunked(self.ureader, self.client, None)
+            _copy_chunked(self.ureader, down, None)
         elif length is not None:
-            _copy_fixed(self.ureader, self.client, length)
+            _copy_fixed(self.ureader, down, length)
         else:
-            _copy_until_close(self.ureader, self.client, None)
+            _copy_until_close(self.ureader, down, None)
             return False
         return not resp.wants_close
 
@@ -352,12 +412,13 @@ class _Session:
             _reset(self.client)
             return
         self.client.sendall(resp.encode())
+        down = _paced(self.client, self.proxy.down)
         if resp.chunked:
-            _copy_chunked(self.ureader, self.client, _CHUNKED_CUT)
+            _copy_chunked(self.ureader, down, _CHUNKED_CUT)
         elif length is not None:
-            _copy_fixed(self.ureader, self.client, length // 2)
+            _copy_fixed(self.ureader, down, length // 2)
         else:
-            _copy_until_close(self.ureader, self.client, _CHUNKED_CUT)
+            _copy_until_close(self.ureader, down, _CHUNKED_CUT)
         self.drop_upstream(reset=True)
         if kind == "stall_body":
             self.proxy.stopping.wait(self.proxy.stall_seconds)
@@ -415,12 +476,17 @@ class FaultProxy:
         stall_seconds: float = 5.0,
         only: Callable[[Head], bool] | None = None,
         io_timeout: float = 60.0,
+        throttle_up: float | None = None,
+        throttle_down: float | None = None,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be an http:// URL, got {upstream!r}")
         self.upstream_addr = (parts.hostname, parts.port or 80)
         self.io_timeout = io_timeout
+        self.up = Pacer(throttle_up) if throttle_up else None
+        self.down = Pacer(throttle_down) if throttle_down else None
+        self._scripted: list[_Scripted] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -469,11 +535,30 @@ class FaultProxy:
             if only is not None:
                 self.only = only
 
+    def fail_first(self, n: int, kind: str, match: Callable[[Head], bool]) -> None:
+        """Give the next *n* requests that *match* accepts the fault *kind* (any rate)."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"kind must be one of {FAULT_KINDS}, got {kind!r}")
+        with self._lock:
+            self._scripted.append(_Scripted(kind, match, n))
+
+    def _scripted_kind(self, req: Head) -> str | None:
+        for script in self._scripted:
+            if script.left > 0 and script.match(req):
+                script.left -= 1
+                return script.kind
+        return None
+
     def choose(self, req: Head) -> str | None:
         """Count the request and decide its fault (None: pass through)."""
         has_body = req.chunked or (req.content_length or 0) > 0
         with self._lock:
             self._requests += 1
+            scripted = self._scripted_kind(req)
+            if scripted is not None:
+                self._counts[scripted] += 1
+                self._events.append(FaultEvent(req.method, req.target, scripted))
+                return scripted
             if self.rate <= 0.0 or self._rng.random() >= self.rate:
                 return None
             if self.only is not None and not self.only(req):

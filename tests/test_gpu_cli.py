@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stagerd import db
 from stagerd.keys import QueueKeys
+from tests.faultproxy import FaultProxy
 from tests.worker_support import (
     WAVINFO,
-    ThrottledProxy,
     make_tar,
     pending_ids,
     phases,
@@ -26,6 +28,7 @@ from tests.worker_support import (
 )
 
 
+@pytest.mark.interop
 def test_gpu_burst_end_to_end_and_db_results(
     run_cli: Any,
     stagerd_env: dict[str, str],
@@ -145,7 +148,7 @@ def test_sigterm_while_staging_requeues_at_once(
 ) -> None:
     put_batch(s3_client, redis_client, s3_bucket, queue_name, "slow", make_tar(12, seconds=20))
     put_batch(s3_client, redis_client, s3_bucket, queue_name, "next", make_tar())
-    with ThrottledProxy(s3_server.endpoint, rate=500_000) as proxy:
+    with FaultProxy(s3_server.endpoint, throttle_down=500_000) as proxy:
         env = {**stagerd_env, "S3_ENDPOINT": proxy.endpoint, "STAGERD_PROCESSOR": WAVINFO}
         proc = start_worker(env, "--prefetch", "0")
         try:

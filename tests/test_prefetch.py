@@ -15,9 +15,9 @@ import pytest
 
 from stagerd import db
 from stagerd.keys import QueueKeys
+from tests.faultproxy import FaultProxy
 from tests.worker_support import (
     WAVINFO,
-    ThrottledProxy,
     make_tar,
     put_batch,
     scratch_leftovers,
@@ -57,7 +57,7 @@ def test_prefetch_roughly_halves_wall_time_and_keeps_fifo(
     runs = {mode: [f"{mode}-{i}" for i in range(BATCHES)] for mode in ("p0", "p1")}
     ledger = db.Ledger(database_url)
     spans: dict[str, float] = {}
-    with ThrottledProxy(s3_server.endpoint, rate=RATE) as proxy:
+    with FaultProxy(s3_server.endpoint, throttle_down=RATE) as proxy:
         env = {
             **stagerd_env,
             "S3_ENDPOINT": proxy.endpoint,

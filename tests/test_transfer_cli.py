@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stagerd.partio import MiB
 from tests.conftest import base_env
-from tests.transfer_helpers import fault_proxy, write_tar
+from tests.faultproxy import FaultProxy, Head
+from tests.transfer_helpers import write_tar
 
 KEYS = {"batch_id", "s3_key", "bytes", "sha256", "parts", "part_size", "uploaded_bytes",
         "resumed_bytes", "enqueued", "seconds"}  # fmt: skip
@@ -36,6 +39,10 @@ def _queue(redis_client: Any, queue_name: str) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in redis_client.lrange(queue_name, 0, -1)]
 
 
+def _upload_part(head: Head) -> bool:
+    return head.method == "PUT" and "partNumber=" in head.target
+
+
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "stagerd", *args],
@@ -46,6 +53,7 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.interop
 def test_upload_enqueues_once_and_force_redoes_it(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, tmp_path: Path,
@@ -104,7 +112,7 @@ def test_second_run_completing_the_upload_first_is_accepted(
     path = write_tar(tmp_path / "two.tar", 25 * MiB)
     args = ["transfer", "upload", str(path), "--batch-id", "two", "--part-size", "5MiB",
             "--concurrency", "1"]  # fmt: skip
-    with fault_proxy(stagerd_env["S3_ENDPOINT"], rate=5 * MiB) as proxy:
+    with FaultProxy(stagerd_env["S3_ENDPOINT"], throttle_up=5 * MiB) as proxy:
         slow = _spawn(args, {**stagerd_env, "S3_ENDPOINT": proxy.endpoint})
         _wait_for_parts(s3_client, s3_bucket, "archives/two.tar", at_least=2)
         fast = _spawn(args, stagerd_env)  # resumes the slow run's upload and completes it
@@ -122,6 +130,7 @@ def test_second_run_completing_the_upload_first_is_accepted(
     assert len(_queue(redis_client, queue_name)) == 1
 
 
+@pytest.mark.interop
 def test_resume_after_sigkill_resends_at_most_missing_plus_in_flight(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, tmp_path: Path,
@@ -132,7 +141,7 @@ def test_resume_after_sigkill_resends_at_most_missing_plus_in_flight(
     args = ["transfer", "upload", str(path), "--batch-id", "k1", "--part-size", "5MiB",
             "--concurrency", str(concurrency)]  # fmt: skip
     # Throttle the first run so it is surely killed in the middle of its parts.
-    with fault_proxy(stagerd_env["S3_ENDPOINT"], rate=15 * MiB) as proxy:
+    with FaultProxy(stagerd_env["S3_ENDPOINT"], throttle_up=15 * MiB) as proxy:
         proc = _spawn(args, {**stagerd_env, "S3_ENDPOINT": proxy.endpoint})
         listed = _wait_for_parts(s3_client, s3_bucket, "archives/k1.tar", at_least=3)
         proc.send_signal(signal.SIGKILL)
@@ -159,7 +168,7 @@ def test_changed_file_after_crash_restarts_clean(
     path = write_tar(tmp_path / "ch.tar", 30 * MiB, members=3)
     args = ["transfer", "upload", str(path), "--batch-id", "ch", "--part-size", "5MiB",
             "--concurrency", "1"]  # fmt: skip
-    with fault_proxy(stagerd_env["S3_ENDPOINT"], rate=10 * MiB) as proxy:
+    with FaultProxy(stagerd_env["S3_ENDPOINT"], throttle_up=10 * MiB) as proxy:
         proc = _spawn(args, {**stagerd_env, "S3_ENDPOINT": proxy.endpoint})
         _wait_for_parts(s3_client, s3_bucket, "archives/ch.tar", at_least=2)
         proc.send_signal(signal.SIGKILL)
@@ -176,10 +185,12 @@ def test_injected_resets_and_503_are_retried(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
     path = write_tar(tmp_path / "r.tar", 16 * MiB)
-    with fault_proxy(stagerd_env["S3_ENDPOINT"], resets=2, errors_503=2) as proxy:
+    with FaultProxy(stagerd_env["S3_ENDPOINT"]) as proxy:
+        proxy.fail_first(2, "reset_request", _upload_part)
+        proxy.fail_first(2, "slowdown", _upload_part)
         env = {**stagerd_env, "S3_ENDPOINT": proxy.endpoint}
         data = _json(_upload(run_cli, env, path, "r1", "--part-size", "5MiB"))
-    assert proxy.stats.resets == 2 and proxy.stats.errors_503 == 2
+    assert proxy.stats().injected == {"reset_request": 2, "slowdown": 2}
     body = s3_client.get_object(Bucket=s3_bucket, Key="archives/r1.tar")["Body"].read()
     assert body == path.read_bytes() and data["uploaded_bytes"] == data["bytes"]
 

@@ -16,7 +16,8 @@ from stagerd.partio import MiB
 from stagerd.transfer import TransferReport, TransferRequest, transfer
 from stagerd.watch import Watcher, WatchOptions, ready_archives
 from tests.conftest import base_env
-from tests.transfer_helpers import fault_proxy, write_tar
+from tests.faultproxy import FaultProxy
+from tests.transfer_helpers import write_tar
 
 
 def _watcher(settings: Any, directory: Path, **kw: Any) -> Watcher:
@@ -115,7 +116,7 @@ def test_sigterm_stops_cleanly_and_restart_resumes(
     path.rename(inbox / "big.tar")
     args = [sys.executable, "-m", "stagerd", "transfer", "watch", str(inbox), "--interval",
             "0.1", "--part-size", "5MiB", "--concurrency", "2"]  # fmt: skip
-    with fault_proxy(stagerd_env["S3_ENDPOINT"], rate=10 * MiB) as proxy:
+    with FaultProxy(stagerd_env["S3_ENDPOINT"], throttle_up=10 * MiB) as proxy:
         env = {**base_env(), **stagerd_env, "S3_ENDPOINT": proxy.endpoint}
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_for_parts(s3_client, s3_bucket, at_least=2)

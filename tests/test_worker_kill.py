@@ -21,9 +21,9 @@ import pytest
 
 from stagerd import db
 from stagerd.keys import QueueKeys
+from tests.faultproxy import FaultProxy
 from tests.worker_support import (
     WAVINFO,
-    ThrottledProxy,
     dead_letters,
     make_tar,
     phases,
@@ -103,7 +103,7 @@ def test_sigkill_in_each_phase_then_restart(
     for batch, body in bodies.items():
         put_batch(s3_client, redis_client, s3_bucket, queue_name, batch, body)
 
-    proxy = ThrottledProxy(s3_server.endpoint, rate=RATE)
+    proxy = FaultProxy(s3_server.endpoint, throttle_down=RATE).start()
     args = ["--prefetch", "1" if phase == "prefetched" else "0"]
     if phase == "download":
         args.append("--keep-archive")
@@ -126,7 +126,7 @@ def test_sigkill_in_each_phase_then_restart(
         for conn in lock:
             conn.rollback()
             conn.close()
-        proxy.close()
+        proxy.stop()
 
     keys = QueueKeys(queue_name)
     assert redis_client.llen(keys.processing(worker)) >= 1  # the killed job is in flight

@@ -1,24 +1,20 @@
-"""Helpers for the worker tests: real batches on real S3, jobs on real Redis, a throttling
-TCP proxy in front of the S3 server (a slow link, for phase-precise kills and prefetch),
-polling with deadlines."""
+"""Helpers for the worker tests: real batches on real S3, jobs on real Redis, polling with
+deadlines. A slow S3 link (phase-precise kills, prefetch) is tests/faultproxy.py's
+``FaultProxy(endpoint, throttle_down=bytes_per_s)``."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import wave
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from stagerd.job import Job
 from stagerd.keys import QueueKeys
@@ -114,73 +110,3 @@ def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
         text=True,
         cwd=ROOT,
     )
-
-
-class ThrottledProxy:
-    """A transparent TCP proxy whose server->client direction is limited to *rate* bytes/s
-    in total (one slow link shared by all connections). SigV4 stays valid: the client signs
-    the proxy's host:port and the bytes pass through unchanged."""
-
-    def __init__(self, upstream: str, rate: float, chunk: int = 16384) -> None:
-        parts = urlsplit(upstream)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
-        self.rate = rate
-        self.chunk = chunk
-        self._lock = threading.Lock()
-        self._next_send = time.monotonic()
-        self._closed = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-
-    def __enter__(self) -> ThrottledProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                continue
-            try:
-                server = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            for src, dst, slow in ((client, server, False), (server, client, True)):
-                threading.Thread(target=self._pump, args=(src, dst, slow), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
-        src.settimeout(None)
-        try:
-            while not self._closed.is_set():
-                data = src.recv(self.chunk)
-                if not data:
-                    break
-                if slow:
-                    self._throttle(len(data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def _throttle(self, nbytes: int) -> None:
-        with self._lock:
-            start = max(self._next_send, time.monotonic())
-            self._next_send = start + nbytes / self.rate
-        delay = start - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)

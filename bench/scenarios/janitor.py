@@ -148,7 +148,9 @@ def _stagerd(
             _check_survivors(root, stale, locked)
         report = last_json(out)
         return with_extra(
-            sample, removed=len(report.get("removed", [])), kept_locked=report.get("kept_locked")
+            sample,
+            removed=len(report.get("removed", [])),
+            kept_locked=len(report.get("kept_locked", [])),
         )
 
     return once

@@ -10,6 +10,9 @@ Contract of :func:`upload_file`:
 - Never completes an object whose bytes differ from the file: a listed part that does not
   match makes the stale upload be aborted and started clean, and a file that changes
   during the upload (size/mtime/inode) aborts it.
+- Small files (one part, at most ``SINGLE_PUT_MAX``) go up in one PutObject with
+  Content-MD5, whose ETag is checked against the bytes read: two requests instead of six,
+  which is what makes a stream of tiny batches fast. They need no resume.
 - Memory is bounded: at most ``concurrency`` parts are in flight, each streamed from the
   file, and the reader that computes SHA-256 stays at most ``concurrency`` parts ahead.
 - Errors: :class:`PermanentError` (403, NoSuchBucket, a changed file) fails at once;
@@ -20,6 +23,8 @@ Contract of :func:`upload_file`:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +68,8 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+# A file this small is read into memory and sent in one request (see the contract above).
+SINGLE_PUT_MAX = 16 * 1024 * 1024
 
 
 def upload_file(
@@ -101,6 +108,8 @@ class _Uploader:
             done = self._existing_object()
             if done is not None:
                 return done
+        if len(self.parts) == 1 and self.state.size <= SINGLE_PUT_MAX:
+            return self._put_whole()
         upload_id, listed = self._find_resumable()
         try:
             return self._upload(upload_id, listed)
@@ -143,7 +152,8 @@ class _Uploader:
                 md5s.append(hasher.read_part(part, md5=True) or "")
             sha256 = hasher.sha256()
         etag = strip_etag(head.get("ETag", ""))
-        if etag != multipart_etag(md5s):
+        single_put = len(md5s) == 1 and etag == md5s[0]
+        if etag != multipart_etag(md5s) and not single_put:
             log.info("s3://%s/%s exists but differs from the file", self.t.bucket, self.t.key)
             return None
         log.info("s3://%s/%s already complete and verified", self.t.bucket, self.t.key)
@@ -171,6 +181,43 @@ class _Uploader:
                 raise
 
         return self._call("HeadObject", head)
+
+    def _put_whole(self) -> UploadResult:
+        """One PutObject for a small file; md5 and sha256 come from the very bytes sent."""
+        self._check_stop()
+        data = self.path.read_bytes()
+        if len(data) != self.state.size or FileState.of(self.path) != self.state:
+            raise PermanentError(f"{self.path} changed while it was being read; not uploaded")
+        md5 = hashlib.md5(data)
+        metadata = {**self.opts.metadata, PART_SIZE_META: str(self.part_size)}
+        response = self._call(
+            "PutObject",
+            lambda: self.t.client.put_object(
+                Bucket=self.t.bucket,
+                Key=self.t.key,
+                Body=data,
+                ContentMD5=base64.b64encode(md5.digest()).decode(),
+                Metadata=metadata,
+                ContentType="application/x-tar",
+            ),
+        )
+        etag = strip_etag(response.get("ETag", ""))
+        if etag != md5.hexdigest():
+            raise PermanentError(
+                f"s3://{self.t.bucket}/{self.t.key}: ETag {etag} after PutObject, "
+                f"expected {md5.hexdigest()}"
+            )
+        self.progress.advance(self.state.size)
+        return UploadResult(
+            size=self.state.size,
+            sha256=hashlib.sha256(data).hexdigest(),
+            etag=etag,
+            parts=1,
+            part_size=self.part_size,
+            uploaded_bytes=self.state.size,
+            resumed_bytes=0,
+            already_complete=False,
+        )
 
     # -- finding an interrupted upload --------------------------------------------------
 

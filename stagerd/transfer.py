@@ -75,6 +75,29 @@ class TransferReport:
         return asdict(self)
 
 
+@dataclass
+class Connections:
+    """S3 and Redis clients checked once and reused for many transfers.
+
+    A one-shot upload builds its own; the watcher keeps one set for its whole life, so a
+    stream of small archives pays for neither a new boto3 client, a new Redis connection
+    nor a bucket probe per file.
+    """
+
+    s3: S3Settings
+    client: S3Client
+    redis: redis.Redis | None
+
+    @classmethod
+    def open(cls, settings: Settings, *, enqueue: bool = True) -> Connections:
+        """Connect and probe. Raises ConfigError, ServiceUnavailable or PermanentError."""
+        s3 = settings.require_s3()
+        redis_client = _connect_redis(settings) if enqueue else None
+        client = get_s3_client(s3)
+        _probe_bucket(client, s3)
+        return cls(s3, client, redis_client)
+
+
 def transfer(
     settings: Settings,
     request: TransferRequest,
@@ -82,6 +105,7 @@ def transfer(
     policy: RetryPolicy | None = None,
     stop: threading.Event | None = None,
     progress_mode: str = "auto",
+    connections: Connections | None = None,
 ) -> TransferReport:
     """Check, upload, verify and (unless ``enqueue=False``) enqueue one archive.
 
@@ -99,10 +123,10 @@ def transfer(
     file_count = _file_count(path, request.file_count)
     if request.concurrency is not None:
         settings = settings.replace(concurrency=request.concurrency)
-    s3 = settings.require_s3()
-    redis_client = _connect_redis(settings) if request.enqueue else None
-    client = get_s3_client(s3)
-    _probe_bucket(client, s3)
+    if connections is None or (request.enqueue and connections.redis is None):
+        connections = Connections.open(settings, enqueue=request.enqueue)
+    s3, client = connections.s3, connections.client
+    redis_client = connections.redis if request.enqueue else None
     size = path.stat().st_size
     options = UploadOptions(
         part_size=request.part_size or settings.part_size,

@@ -29,7 +29,7 @@ from stagerd.config import Settings
 from stagerd.errors import ArchiveRejected, InvalidBatchId, StagerdError
 from stagerd.log import get_logger
 from stagerd.multipart import UploadInterrupted
-from stagerd.transfer import TransferReport, TransferRequest, transfer
+from stagerd.transfer import Connections, TransferReport, TransferRequest, transfer
 
 log = get_logger(__name__)
 DONE_DIR = "done"
@@ -54,8 +54,26 @@ class WatchOptions:
 def run_watch(settings: Settings, options: WatchOptions, stop: threading.Event) -> None:
     """Watch with the real transfer pipeline until *stop* is set."""
 
+    cached: list[Connections] = []
+    if options.concurrency is not None:
+        settings = settings.replace(concurrency=options.concurrency)
+
     def run(request: TransferRequest, stop_event: threading.Event) -> TransferReport:
-        return transfer(settings, request, stop=stop_event, progress_mode=options.progress_mode)
+        if not cached:
+            cached.append(Connections.open(settings, enqueue=options.enqueue))
+        try:
+            return transfer(
+                settings,
+                request,
+                stop=stop_event,
+                progress_mode=options.progress_mode,
+                connections=cached[0],
+            )
+        except StagerdError:
+            # The endpoint, bucket, credentials or Redis may be what failed: connect and
+            # probe afresh before the next archive.
+            cached.clear()
+            raise
 
     Watcher(options, run).loop(stop)
 

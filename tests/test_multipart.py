@@ -205,6 +205,7 @@ def test_persistent_failure_gives_up_with_the_cause(settings: Any, tmp_path: Pat
         raise ConnectionClosedError(endpoint_url=request.url)
 
     client.meta.events.register("before-send.s3.UploadPart", fault)
+    client.meta.events.register("before-send.s3.PutObject", fault)  # the one-part fast path
     from stagerd.errors import TransientError
 
     with pytest.raises(TransientError, match="unreachable"):
@@ -223,8 +224,10 @@ def test_bad_credentials_fail_fast_without_the_secret(settings: Any, tmp_path: P
 
 def test_missing_bucket_fails_fast(settings: Any, tmp_path: Path) -> None:
     missing = settings.replace(s3_bucket=f"{settings.s3_bucket}-missing")
+    # Two parts, so the multipart path runs: SeaweedFS creates a missing bucket on a plain
+    # PutObject, which is why transfer() probes the bucket (HeadBucket) before any upload.
     with pytest.raises(PermanentError, match="does not exist"):
-        upload_file(_target(missing), _file(tmp_path, 1 * MiB), _opts())
+        upload_file(_target(missing), _file(tmp_path, 6 * MiB), _opts())
 
 
 def test_stop_leaves_a_resumable_upload(settings: Any, s3_client: Any, tmp_path: Path) -> None:
@@ -270,3 +273,19 @@ def test_file_changed_during_upload_is_not_completed(
         upload_file(_target(settings), path, _opts(), progress=Toucher())
     head = s3_client.list_objects_v2(Bucket=settings.s3_bucket).get("Contents", [])
     assert head == [] and _uploads(s3_client, settings.s3_bucket) == []
+
+
+def test_small_file_goes_up_in_one_verified_put(
+    settings: Any, s3_client: Any, tmp_path: Path
+) -> None:
+    path = _file(tmp_path, 1 * MiB)
+    client = get_s3_client(settings)
+    sent: list[str] = []
+    client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+    result = upload_file(_target(settings, client), path, _opts())
+    assert sent == ["HEAD", "PUT"]  # the exactly-once HEAD, then one PutObject
+    assert result.parts == 1 and result.uploaded_bytes == path.stat().st_size
+    assert _object(s3_client, settings.s3_bucket) == path.read_bytes()
+    assert _uploads(s3_client, settings.s3_bucket) == []
+    again = upload_file(_target(settings), path, _opts())  # a rerun verifies the plain-MD5 ETag
+    assert again.already_complete and again.uploaded_bytes == 0 and again.sha256 == result.sha256

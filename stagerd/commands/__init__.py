@@ -48,3 +48,17 @@ def state(ctx: typer.Context) -> AppState:
         obj = AppState()
         ctx.find_root().obj = obj
     return obj
+
+
+def duration_flag(text: str, flag: str) -> float:
+    """Parse a duration option (``15m``, ``24h``), or raise UsageError naming *flag*."""
+    from stagerd.errors import UsageError
+    from stagerd.units import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    if value < 0:
+        raise UsageError(f"{flag}: must not be negative")
+    return value

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from stagerd.commands import state
+from stagerd.commands import duration_flag, state
 from stagerd.errors import ServiceUnavailable, UsageError
 
 if TYPE_CHECKING:
@@ -97,12 +97,7 @@ def purge(
     ] = None,
 ) -> None:
     """Delete dead letters (all, or those older than --older-than)."""
-    from stagerd.units import parse_duration
-
-    try:
-        age = parse_duration(older_than) if older_than else None
-    except ValueError as exc:
-        raise UsageError(f"--older-than: {exc}") from None
+    age = duration_flag(older_than, "--older-than") if older_than else None
     dead, _ = _dead_letters(ctx)
     typer.echo(json.dumps({"purged": _guard(lambda: dead.purge(age))}))
 

@@ -14,8 +14,7 @@ from typing import Annotated
 
 import typer
 
-from stagerd.commands import state
-from stagerd.units import parse_duration
+from stagerd.commands import duration_flag, state
 
 
 def register(app: typer.Typer) -> None:
@@ -80,10 +79,7 @@ def gpu(
 
     if processor_mode not in PROCESSOR_MODES:
         raise UsageError(f"--processor-mode: use oneshot or persistent, not {processor_mode!r}")
-    try:
-        drain = parse_duration(drain_timeout)
-    except ValueError as exc:
-        raise UsageError(f"--drain-timeout: {exc}") from None
+    drain = duration_flag(drain_timeout, "--drain-timeout")
     settings = state(ctx).settings()
     stop = threading.Event()
     stopping = threading.Event()

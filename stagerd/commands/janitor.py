@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from stagerd.commands import state
-from stagerd.errors import UsageError
-from stagerd.units import format_size, parse_duration
+from stagerd.commands import duration_flag, state
+from stagerd.units import format_size
 
 if TYPE_CHECKING:
     from stagerd.janitor import JanitorReport
@@ -17,16 +16,6 @@ if TYPE_CHECKING:
 
 def register(app: typer.Typer) -> None:
     app.command("janitor")(janitor)
-
-
-def _duration(text: str, flag: str) -> float:
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-    if value < 0:
-        raise UsageError(f"{flag}: must not be negative")
-    return value
 
 
 def janitor(
@@ -55,8 +44,8 @@ def janitor(
 
     options = JanitorOptions(
         dry_run=dry_run,
-        min_age=_duration(min_age, "--min-age"),
-        upload_max_age=_duration(upload_max_age, "--upload-max-age"),
+        min_age=duration_flag(min_age, "--min-age"),
+        upload_max_age=duration_flag(upload_max_age, "--upload-max-age"),
     )
     report = run_janitor(state(ctx).settings(), options)
     if report.busy:

@@ -334,19 +334,24 @@ class Ledger:
                 log.debug("closing a broken PostgreSQL connection: %s", exc)
 
 
-def requeue_stale_batches(database_url: str, dead_workers: Sequence[str]) -> list[str]:
-    """Janitor: rows in staging/processing owned by a dead worker -> ``requeued``."""
+def requeue_stale_batches(
+    database_url: str, dead_workers: Sequence[str], dead_lettered: Sequence[str] = ()
+) -> list[str]:
+    """Janitor: rows in staging/processing owned by a dead worker -> ``requeued``, or
+    ``dead`` for the batches that recovery moved to the dead-letter list (attempts used
+    up), so the ledger says what the queue did. Returns the batch ids marked requeued."""
     if not dead_workers:
         return []
     with connect(database_url) as conn:
         rows = conn.execute(
-            "UPDATE stagerd_batches SET state = 'requeued', updated_at = now(),"
+            "UPDATE stagerd_batches SET updated_at = now(),"
+            " state = CASE WHEN batch_id = ANY(%(dead)s) THEN 'dead' ELSE 'requeued' END,"
             " error = 'worker ' || worker || ' stopped heartbeating'"
-            " WHERE state IN ('staging', 'processing') AND worker = ANY(%s)"
-            " RETURNING batch_id",
-            (list(dead_workers),),
+            " WHERE state IN ('staging', 'processing') AND worker = ANY(%(workers)s)"
+            " RETURNING batch_id, state",
+            {"dead": list(dead_lettered), "workers": list(dead_workers)},
         ).fetchall()
-    return sorted(row[0] for row in rows)
+    return sorted(row[0] for row in rows if row[1] == "requeued")
 
 
 def recent_failures(database_url: str, limit: int = 10) -> list[dict[str, Any]]:

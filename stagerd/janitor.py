@@ -19,10 +19,9 @@ unreachable included) is reported in ``errors`` and the others still run.
 
 from __future__ import annotations
 
-import importlib
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -315,17 +314,14 @@ def _ledger_part(
     if options.dry_run:
         log.info(f"janitor: dry run: would mark batches of {', '.join(dead_workers)} requeued")
         return
-    try:
-        import psycopg
+    import psycopg
 
-        # Imported by name: stagerd.db (the ledger) is owned and shipped separately.
-        db = importlib.import_module("stagerd.db")
-        requeue: Callable[[str, Sequence[str]], list[str]] = db.requeue_stale_batches
-    except (ImportError, AttributeError) as exc:
-        report.fail("ledger", f"cannot load the ledger code: {exc}")
-        return
+    from stagerd.db import requeue_stale_batches
+
     try:
-        report.ledger_requeued = list(requeue(settings.database_url, dead_workers))
+        report.ledger_requeued = requeue_stale_batches(
+            settings.database_url, dead_workers, report.dead_lettered
+        )
     except (psycopg.Error, OSError, StagerdError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         report.fail("ledger", f"postgres: {first}")

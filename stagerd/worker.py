@@ -247,5 +247,7 @@ class Heartbeat:
             self._queue.client, self._queue.keys, max_attempts=self._queue.max_attempts
         )
         if self._database_url and (report.requeued or report.dead_lettered):
-            stale = requeue_stale_batches(self._database_url, report.dead_workers)
+            stale = requeue_stale_batches(
+                self._database_url, report.dead_workers, report.dead_lettered
+            )
             log.info("ledger: %d batch(es) of dead workers marked requeued", len(stale))

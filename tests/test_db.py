@@ -131,6 +131,16 @@ def test_requeue_stale_batches(ledger: db.Ledger, database_url: str) -> None:
     assert ledger.batch("s3").state == "done"  # type: ignore[union-attr]
 
 
+def test_stale_batches_that_recovery_dead_lettered_are_marked_dead(
+    ledger: db.Ledger, database_url: str
+) -> None:
+    ledger.begin("d1", "archives/d1.tar", worker="gone", sha256=None)
+    ledger.begin("d2", "archives/d2.tar", worker="gone", sha256=None)
+    assert db.requeue_stale_batches(database_url, ["gone"], ["d2"]) == ["d1"]
+    assert ledger.batch("d1").state == "requeued"  # type: ignore[union-attr]
+    assert ledger.batch("d2").state == "dead"  # type: ignore[union-attr]
+
+
 def test_reconnects_after_the_connection_is_killed(ledger: db.Ledger, database_url: str) -> None:
     ledger.begin("r1", "archives/r1.tar", worker="w", sha256=None)
     with psycopg.connect(database_url) as admin:

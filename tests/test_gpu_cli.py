@@ -176,3 +176,32 @@ def test_sigterm_while_staging_requeues_at_once(
     finally:
         ledger.close()
     assert scratch_leftovers(scratch_dir) == []
+
+
+def test_persistent_processor_serves_every_batch_from_one_process(
+    run_cli: Any,
+    stagerd_env: dict[str, str],
+    s3_client: Any,
+    s3_bucket: str,
+    redis_client: Any,
+    queue_name: str,
+    scratch_dir: Path,
+) -> None:
+    for i in range(3):
+        put_batch(s3_client, redis_client, s3_bucket, queue_name, f"p{i}", make_tar(files=2))
+    args = [
+        "gpu",
+        "--burst",
+        "--processor-mode",
+        "persistent",
+        "--processor",
+        f"{WAVINFO} --persistent",
+    ]
+    result = run_cli(args, env=stagerd_env)
+    assert result.returncode == 0, result.stderr
+    for i in range(3):
+        data = json.loads(run_cli(["db", "results", f"p{i}"], env=stagerd_env).stdout)
+        assert data["state"] == "done" and len(data["results"]) == 2
+    # One model-loading process served all three batches: it announced itself once.
+    assert result.stderr.count("persistent processor ready") == 1, result.stderr
+    assert scratch_leftovers(scratch_dir) == []

@@ -35,7 +35,6 @@ export STAGERD_PROCESSOR="$py -m stagerd.samples.wavinfo"
 export STAGERD_METRICS_FILE="$demo/textfile/stagerd.prom"
 export STAGERD_WORKER_ID="demo-$(hostname)"
 export STAGERD_HEARTBEAT_TTL=10s
-export STAGERD_STATE_DIR="$demo/state"
 
 step "prepare: bucket $S3_BUCKET, database stagerd_demo, schema"
 "$py" - <<'PY'

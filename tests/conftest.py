@@ -163,21 +163,32 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def make_s3_client(server: S3Server) -> Any:
+def make_s3_client(
+    server: S3Server,
+    *,
+    endpoint: str | None = None,
+    verify: str | None = None,
+    checksum: str = "when_required",
+    **config: Any,
+) -> Any:
+    """A plain boto3 client on *server* (or on *endpoint*, e.g. a proxy in front of it);
+    extra keywords go to botocore's Config (retries, timeouts)."""
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3",
-        endpoint_url=server.endpoint,
+        endpoint_url=endpoint or server.endpoint,
+        verify=verify,
         aws_access_key_id=server.access_key,
         aws_secret_access_key=server.secret_key,
         region_name="us-east-1",
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
+            request_checksum_calculation=checksum,
+            response_checksum_validation=checksum,
+            **config,
         ),
     )
 

@@ -16,7 +16,7 @@ import pytest
 from stagerd.config import S3Settings
 from stagerd.retry import RetryPolicy, is_transient
 from stagerd.s3 import get_s3_client
-from tests.conftest import S3Server
+from tests.conftest import S3Server, make_s3_client
 from tests.faultproxy import FAULT_KINDS, FaultProxy, Head
 
 MiB = 1024 * 1024
@@ -36,24 +36,12 @@ def proxied(proxy: FaultProxy, s3_server: S3Server) -> ClientFactory:
     """A boto3 client through the proxy, with botocore's own retries off."""
 
     def make(read_timeout: float = 10.0) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=proxy.endpoint,
-            aws_access_key_id=s3_server.access_key,
-            aws_secret_access_key=s3_server.secret_key,
-            region_name="us-east-1",
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                retries={"mode": "standard", "total_max_attempts": 1},
-                read_timeout=read_timeout,
-                connect_timeout=5,
-            ),
+        return make_s3_client(
+            s3_server,
+            endpoint=proxy.endpoint,
+            retries={"mode": "standard", "total_max_attempts": 1},
+            read_timeout=read_timeout,
+            connect_timeout=5,
         )
 
     return make

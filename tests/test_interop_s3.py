@@ -197,23 +197,12 @@ def test_user_metadata_round_trip(s3_client: Any, s3_bucket: str) -> None:
 
 
 def _client_with(server: S3Server, checksum: str, *, tls: bool = False) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=server.tls_endpoint if tls else server.endpoint,
+    return make_s3_client(
+        server,
+        endpoint=server.tls_endpoint if tls else None,
         verify=server.ca_bundle if tls else None,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-        config=Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            request_checksum_calculation=checksum,
-            response_checksum_validation=checksum,
-            retries={"mode": "standard", "total_max_attempts": 1},
-        ),
+        checksum=checksum,
+        retries={"mode": "standard", "total_max_attempts": 1},
     )
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from stagerd.processor import Processor
     from stagerd.queue import Delivery, ReliableQueue
     from stagerd.scratch import Reservation, ScratchManager
-    from stagerd.stage import StageResult
+    from stagerd.stage import ArchiveHead, StageResult
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -142,8 +142,9 @@ class BatchSteps:
             return None
         reservation: Reservation | None = None
         try:
-            reservation = self._reserve(job, stop, may_wait)
-            result = self._stage_into(job, reservation, stop)
+            head = self._head(job, stop)
+            reservation = self._reserve(job, head.size, stop, may_wait)
+            result = self._stage_into(job, reservation, head, stop)
         except Exception as exc:
             if not _handled(exc):
                 raise
@@ -177,18 +178,21 @@ class BatchSteps:
             return None
         return d.job
 
-    def _reserve(
-        self, job: Job, stop: threading.Event, may_wait: Callable[[], bool]
-    ) -> Reservation:
+    def _head(self, job: Job, stop: threading.Event) -> ArchiveHead:
+        """Size and ETag of the archive: the reservation's size and the staging's pin."""
         from stagerd.stage import head_archive
 
-        head = self.config.stage_policy.call(
+        return self.config.stage_policy.call(
             lambda: head_archive(self.s3, self.config.bucket, job.s3_key),
             what=f"HEAD {job.s3_key}",
             stop=stop,
         )
+
+    def _reserve(
+        self, job: Job, size: int, stop: threading.Event, may_wait: Callable[[], bool]
+    ) -> Reservation:
         # Streaming needs ~1x the archive on scratch; --keep-archive holds tar + members.
-        nbytes = head.size * (2 if self.config.keep_archive else 1)
+        nbytes = size * (2 if self.config.keep_archive else 1)
         deadline = time.monotonic() + self.config.reserve_timeout
         while True:
             try:
@@ -198,13 +202,14 @@ class BatchSteps:
                 if stop.is_set() or (time.monotonic() >= deadline and not may_wait()):
                     raise
 
-    def _stage_into(self, job: Job, reservation: Reservation, stop: threading.Event) -> StageResult:
+    def _stage_into(
+        self, job: Job, reservation: Reservation, head: ArchiveHead, stop: threading.Event
+    ) -> StageResult:
         from stagerd.progress import make_progress
         from stagerd.stage import stage_batch
 
         # A bar on a terminal; under systemd, a JSON progress line every few seconds.
-        size = job.size or reservation.nbytes // (2 if self.config.keep_archive else 1)
-        progress = make_progress(f"stage {job.batch_id}", size)
+        progress = make_progress(f"stage {job.batch_id}", head.size)
         reported = 0
 
         def on_progress(consumed: int) -> None:
@@ -224,6 +229,7 @@ class BatchSteps:
                 stop=stop,
                 on_progress=on_progress,
                 max_members=self.settings.max_members,
+                head=head,
             )
         finally:
             progress.close()

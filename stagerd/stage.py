@@ -114,18 +114,23 @@ def stage_batch(
     on_progress: Callable[[int], None] | None = None,
     max_members: int = DEFAULT_MAX_MEMBERS,
     range_size: int = DEFAULT_RANGE_SIZE,
+    head: ArchiveHead | None = None,
 ) -> StageResult:
     """Fetch, verify and extract *job*'s archive into ``reservation.path / "input"``.
 
+    *head* is the caller's HEAD of the object when it already made one (to size the
+    reservation): the reads are pinned to its ETag either way, so a replaced object is
+    still caught, and the request is not repeated.
     *on_progress(n)* gets the archive bytes read so far. Raises ArchiveRejected
     (missing/corrupt/hostile/mismatch: permanent), TransientError (network, ENOSPC, an
     object replaced mid-staging), StageInterrupted (*stop* set), ScratchBudgetExceeded /
     ScratchUnavailable (the extraction outgrew what the budget can give).
     """
     started = time.monotonic()
-    head = policy.call(
-        lambda: head_archive(client, bucket, job.s3_key), what=f"HEAD {job.s3_key}", stop=stop
-    )
+    if head is None:
+        head = policy.call(
+            lambda: head_archive(client, bucket, job.s3_key), what=f"HEAD {job.s3_key}", stop=stop
+        )
     if job.size is not None and job.size != head.size:
         raise ArchiveRejected(f"archive {job.s3_key} is {head.size} bytes, the job says {job.size}")
     input_dir = reservation.path / INPUT_DIR

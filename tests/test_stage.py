@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from stagerd.errors import ArchiveRejected, ScratchBudgetExceeded
+from stagerd.errors import ArchiveRejected, ScratchBudgetExceeded, TransientError
 from stagerd.job import Job
 from stagerd.retry import RetryPolicy
 from stagerd.samples.makebatch import BatchInfo, make_batch
@@ -231,3 +231,27 @@ def test_seed_api_download_archive_and_cleanup_scratch(
     cleanup_scratch(job.batch_id)
     assert not (scratch_dir / "b-seed").exists()
     cleanup_scratch(job.batch_id)  # idempotent, like the seed's ignore_errors
+
+
+def test_a_given_head_is_not_fetched_again_and_still_pins_the_reads(
+    tmp_path: Path, s3_client: Any, s3_bucket: str, scratch: ScratchManager
+) -> None:
+    from stagerd.stage import head_archive
+
+    job, info = upload_batch(tmp_path, s3_client, s3_bucket, "b-head", files=3)
+    head = head_archive(s3_client, s3_bucket, job.s3_key)
+    methods: list[str] = []
+    s3_client.meta.events.register(
+        "before-send.s3", lambda request, **_: methods.append(request.method)
+    )
+    with scratch.reserve(job.batch_id, info.size) as res:
+        result = stage_batch(s3_client, s3_bucket, job, res, policy=FAST, head=head)
+    assert "HEAD" not in methods and "GET" in methods
+    assert result.sha256 == info.sha256
+    # A head whose ETag no longer matches the object makes the pinned reads fail.
+    stale = type(head)(size=head.size, etag='"0123456789abcdef0123456789abcdef"')
+    with (
+        scratch.reserve("b-head", info.size) as res,
+        pytest.raises(TransientError, match="changed while staging"),
+    ):
+        stage_batch(s3_client, s3_bucket, job, res, policy=FAST, head=stale)

@@ -287,15 +287,10 @@ class BatchSteps:
 
     def requeue(self, d: Delivery, reason: str) -> None:
         """Shutdown/prefetch hand-back: to the head of pending, attempt not counted."""
-        self._redis(lambda: self.queue.requeue(d, front=True), "queue requeue")
+        # Handing a job back is not a failed attempt; keep STAGERD_MAX_ATTEMPTS honest.
+        self._redis(lambda: self.queue.requeue(d, front=True, refund=True), "queue requeue")
         if d.batch_id is not None:
-            batch_id = d.batch_id
-            # Handing a job back is not a failed attempt; keep STAGERD_MAX_ATTEMPTS honest.
-            self._redis(
-                lambda: self.queue.client.hincrby(self.queue.keys.attempts, batch_id, -1),
-                "queue refund attempt",
-            )
-            self.ledger.mark_requeued(batch_id, reason)
+            self.ledger.mark_requeued(d.batch_id, reason)
         log.info("requeued %s at the head: %s", d.batch_id, reason, extra=_ctx(d))
 
     def _end_failed(

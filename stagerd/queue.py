@@ -39,9 +39,11 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 # KEYS: processing, target list, attempts hash, phase hash
-# ARGV: raw payload, "front"|"back"|"dead", batch id ("" if unknown), envelope (for dead)
+# ARGV: raw payload, "front"|"back"|"dead", batch id ("" if unknown), envelope (for dead),
+#       "1" to refund the attempt (a hand-back that was not a failure)
 _MOVE = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[5] == '1' and ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[3], -1) end
 if ARGV[2] == 'front' then redis.call('LPUSH', KEYS[2], ARGV[1])
 elseif ARGV[2] == 'back' then redis.call('RPUSH', KEYS[2], ARGV[1])
 elseif ARGV[2] == 'dead' then redis.call('RPUSH', KEYS[2], ARGV[4]) end
@@ -257,17 +259,24 @@ class ReliableQueue:
         attempt = int(self.client.hincrby(self.keys.attempts, delivery.batch_id, 1))
         return Delivery(raw=raw, job=delivery.job, error=None, attempt=attempt)
 
-    def _transition(self, d: Delivery, target: str, mode: str, envelope: str = "") -> bool:
+    def _transition(
+        self, d: Delivery, target: str, mode: str, envelope: str = "", *, refund: bool = False
+    ) -> bool:
         keys = [self.processing, target, self.keys.attempts, self.keys.phase(self.worker_id)]
-        return bool(self._move(keys=keys, args=[d.raw, mode, d.batch_id or "", envelope]))
+        args: list[bytes | str] = [d.raw, mode, d.batch_id or "", envelope, "1" if refund else "0"]
+        return bool(self._move(keys=keys, args=args))
 
     def ack(self, d: Delivery) -> None:
         """The job is finished for good: forget it."""
         self._transition(d, self.keys.pending, "ack")
 
-    def requeue(self, d: Delivery, *, front: bool = True) -> None:
-        """Give the job back (front: it goes next, e.g. shutdown; back: retry later)."""
-        self._transition(d, self.keys.pending, "front" if front else "back")
+    def requeue(self, d: Delivery, *, front: bool = True, refund: bool = False) -> None:
+        """Give the job back (front: it goes next, e.g. shutdown; back: retry later).
+
+        *refund*: the hand-back was not a failed attempt (shutdown, prefetch), so the attempt
+        counted at pickup is given back, in the same script and only if the job was still
+        ours to move."""
+        self._transition(d, self.keys.pending, "front" if front else "back", refund=refund)
 
     def dead_letter(self, d: Delivery, reason: str) -> None:
         """Park the job in the dead-letter list with *reason*."""

@@ -192,3 +192,22 @@ def test_phase_and_in_flight(redis_url, redis_client, keys) -> None:
     assert redis_client.hget(keys.phase("w1"), "p") is None
     q.deregister()
     assert not redis_client.exists(keys.heartbeat("w1"))
+
+
+def test_refunded_requeue_gives_the_attempt_back_only_if_it_moved(
+    redis_url, redis_client, keys
+) -> None:
+    _push(redis_client, keys, "handed-back")
+    q = _queue(redis_url, keys, "w1", ttl=0.2)
+    q.register()
+    d = q.pop(0.1)
+    assert d is not None and d.attempt == 1
+    q.requeue(d, front=True, refund=True)
+    assert int(redis_client.hget(keys.attempts, "handed-back")) == 0
+    again = q.pop(0.1)
+    assert again is not None and again.attempt == 1
+    threading.Event().wait(0.4)
+    recover_orphans(redis_client, keys, max_attempts=3)  # the janitor moved it first
+    q.requeue(again, front=True, refund=True)  # a late hand-back: no move, no refund
+    assert int(redis_client.hget(keys.attempts, "handed-back")) == 1
+    assert redis_client.llen(keys.pending) == 1

@@ -79,6 +79,9 @@ class Settings:
     process_timeout: float = 4 * 3600.0
     max_attempts: int = 3
     max_members: int = 100_000
+    max_results: int = 1_000_000
+    max_result_bytes: int = 16 * MiB
+    process_scratch_allowance: int = 1 * GiB
     metrics_file: Path | None = None
     heartbeat_ttl: float = 60.0
     worker_id: str = field(default_factory=socket.gethostname)
@@ -326,6 +329,9 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_PROCESS_TIMEOUT", "process_timeout", _positive(parse_duration)),
     _Spec("STAGERD_MAX_ATTEMPTS", "max_attempts", _bounded_int(1, 1000)),
     _Spec("STAGERD_MAX_MEMBERS", "max_members", _bounded_int(1, 10_000_000)),
+    _Spec("STAGERD_MAX_RESULTS", "max_results", _bounded_int(1, 100_000_000)),
+    _Spec("STAGERD_MAX_RESULT_BYTES", "max_result_bytes", _positive(parse_size)),
+    _Spec("STAGERD_PROCESS_SCRATCH_ALLOWANCE", "process_scratch_allowance", parse_size),
     _Spec("STAGERD_METRICS_FILE", "metrics_file", lambda text: Path(_nonempty(text))),
     _Spec("STAGERD_HEARTBEAT_TTL", "heartbeat_ttl", _positive(parse_duration)),
     _Spec("STAGERD_WORKER_ID", "worker_id", _nonempty),

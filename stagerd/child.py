@@ -78,7 +78,9 @@ class Child:
                 started.add(self.proc.pid)
         except OSError as exc:
             os.close(read_end)
-            raise ProcessorFailed(f"cannot start processor {argv[0]!r}: {exc.strerror}") from None
+            raise ProcessorFailed(
+                f"cannot start the reaper for processor {argv[0]!r}: {exc.strerror}"
+            ) from None
         finally:
             os.close(write_end)
         with os.fdopen(read_end, "rb") as pid_pipe:
@@ -110,7 +112,7 @@ class Child:
                 if self.contained is not None:
                     return None
             try:
-                return self.proc.wait(timeout=min(remaining, _POLL * 5))
+                return self.proc.wait(timeout=min(remaining, _POLL))
             except subprocess.TimeoutExpired:
                 continue
 

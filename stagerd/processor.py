@@ -353,7 +353,7 @@ class PersistentProcessor:
                 self._discard()
                 raise ProcessorFailed(f"processor for batch {batch_id} timed out")
             try:
-                answer = self._answers.get(timeout=min(remaining, _POLL * 5))
+                answer = self._answers.get(timeout=min(remaining, _POLL))
             except queue.Empty:
                 continue
             if answer is None:

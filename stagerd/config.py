@@ -226,7 +226,11 @@ def _pick_env_file(env: Mapping[str, str], explicit: Path | None) -> Path | None
         return explicit
     if env.get("STAGERD_ENV_FILE"):
         return Path(env["STAGERD_ENV_FILE"])
-    return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
+    # The deployed file is root's (0600; systemd reads it for the services): a process that
+    # cannot read it already has its variables from systemd, so it is skipped, not an error.
+    if DEFAULT_ENV_FILE.is_file() and os.access(DEFAULT_ENV_FILE, os.R_OK):
+        return DEFAULT_ENV_FILE
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,21 @@
 """Running the batch processor (WhisperX/Gemma in production; not ours) as a child process.
 
-Contract, for both modes:
+Contract, for both modes (README, "The processor contract"):
 
 * the command comes from ``STAGERD_PROCESSOR`` / ``--processor`` and is shlex-split;
 * the child's environment is ours minus every secret (S3 keys, DSNs, ``*PASSWORD*``,
   ``*SECRET*``, ``*TOKEN*``): the processor is third-party code;
-* it runs in its own session/process group, so a timeout or shutdown kills its children
-  too: SIGTERM to the group, SIGKILL after a grace period;
-* its stdout/stderr lines go to our log tagged with the batch id;
-* success means a valid results file: JSON lines, each an object with a string ``item``.
-  A missing file means no results (a no-op processor is valid); anything malformed, a
-  non-zero exit, a timeout or a dead persistent process raises :class:`ProcessorFailed`
-  (transient: the batch is retried, then dead-lettered by the worker).
+* it runs below its own subreaper (:mod:`stagerd.reaper`), so a timeout, a shutdown or a
+  broken disk limit ends its whole tree, daemons included; in persistent mode everything
+  it started is killed at the end of each batch (:mod:`stagerd.proctree`);
+* its stdout/stderr go to our log tagged with the batch id, capped per batch
+  (:mod:`stagerd.outputcap`); a *guard* (:mod:`stagerd.diskguard`) may stop it early;
+* success means a results file that scans clean (:mod:`stagerd.results`): JSON lines,
+  each an object with a string ``item``, an optional trailer ``{"stagerd": "end",
+  "count": N}``; zero results from a non-empty input need the trailer with ``count: 0``.
+  Rows are validated as they are streamed into the commit. A non-zero exit, a timeout or
+  a dead persistent process raises :class:`ProcessorFailed` (transient: retried, then
+  dead-lettered); a broken limit :class:`ProcessorContained` (permanent).
 
 Oneshot mode runs the command per batch with cwd = batch dir and ``STAGERD_BATCH_ID``,
 ``STAGERD_INPUT_DIR``, ``STAGERD_RESULTS``. Persistent mode starts it once and speaks

@@ -39,6 +39,7 @@ class Sizes:
     startup_runs: int
     prefetch_batches: int
     prefetch_archive: int  # sets the staging time; processing time is then k x measured staging
+    result_rows: int = 1_000_000  # "RSS < 200 MB for a 1,000,000-row results file"
 
 
 FULL = Sizes(
@@ -66,6 +67,7 @@ QUICK = Sizes(
     startup_runs=3,
     prefetch_batches=2,
     prefetch_archive=8 * MiB,
+    result_rows=20_000,
 )
 
 

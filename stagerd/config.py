@@ -79,6 +79,9 @@ class Settings:
     process_timeout: float = 4 * 3600.0
     max_attempts: int = 3
     max_members: int = 100_000
+    max_results: int = 1_000_000
+    max_result_bytes: int = 16 * MiB
+    process_scratch_allowance: int = 1 * GiB
     metrics_file: Path | None = None
     heartbeat_ttl: float = 60.0
     worker_id: str = field(default_factory=socket.gethostname)
@@ -223,7 +226,11 @@ def _pick_env_file(env: Mapping[str, str], explicit: Path | None) -> Path | None
         return explicit
     if env.get("STAGERD_ENV_FILE"):
         return Path(env["STAGERD_ENV_FILE"])
-    return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
+    # The deployed file is root's (0600; systemd reads it for the services): a process that
+    # cannot read it already has its variables from systemd, so it is skipped, not an error.
+    if DEFAULT_ENV_FILE.is_file() and os.access(DEFAULT_ENV_FILE, os.R_OK):
+        return DEFAULT_ENV_FILE
+    return None
 
 
 @dataclass(frozen=True)
@@ -326,6 +333,9 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_PROCESS_TIMEOUT", "process_timeout", _positive(parse_duration)),
     _Spec("STAGERD_MAX_ATTEMPTS", "max_attempts", _bounded_int(1, 1000)),
     _Spec("STAGERD_MAX_MEMBERS", "max_members", _bounded_int(1, 10_000_000)),
+    _Spec("STAGERD_MAX_RESULTS", "max_results", _bounded_int(1, 100_000_000)),
+    _Spec("STAGERD_MAX_RESULT_BYTES", "max_result_bytes", _positive(parse_size)),
+    _Spec("STAGERD_PROCESS_SCRATCH_ALLOWANCE", "process_scratch_allowance", parse_size),
     _Spec("STAGERD_METRICS_FILE", "metrics_file", lambda text: Path(_nonempty(text))),
     _Spec("STAGERD_HEARTBEAT_TTL", "heartbeat_ttl", _positive(parse_duration)),
     _Spec("STAGERD_WORKER_ID", "worker_id", _nonempty),

@@ -14,6 +14,7 @@ psycopg is imported lazily so ``stagerd --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stagerd.errors import ServiceUnavailable
+from stagerd.errors import ResultsRejected, ServiceUnavailable
 from stagerd.ids import archive_key
 from stagerd.log import get_logger
 from stagerd.pg import CLI_POLICY, DB_POLICY, connect, first_line, is_db_transient
@@ -176,36 +177,27 @@ class Ledger:
         *,
         process_seconds: float | None = None,
         worker: str | None = None,
+        unique: bool = False,
     ) -> bool:
         """Write *results* and state ``done`` in one transaction.
 
-        Returns False (writing nothing) when the batch is already ``done``. Retried as a
-        whole on a lost connection: the transaction either happened or did not.
+        *results* is consumed lazily (streamed with COPY, never held in memory); a value
+        is a :class:`~stagerd.results.RawJson` (validated JSON text) or anything
+        ``json.dumps`` takes. A repeated item keeps its first row; with *unique*, a repeat
+        raises ResultsRejected instead. Returns False (writing nothing) when the batch is
+        already ``done``. Retried as a whole on a lost connection: the transaction either
+        happened or did not. Raises ResultsRejected when PostgreSQL refuses a value.
         """
-        rows = list(results)
 
         def write(conn: psycopg.Connection[Any]) -> bool:
-            from psycopg.types.json import Jsonb
-
             started = time.monotonic()
             with conn.transaction():
-                current = conn.execute(
-                    "SELECT state FROM stagerd_batches WHERE batch_id = %s FOR UPDATE",
-                    (batch_id,),
-                ).fetchone()
-                if current is not None and current[0] == "done":
+                if not self._claim_for_commit(conn, batch_id, worker):
                     return False
-                if current is None:  # ledger row lost (e.g. a truncated table): recreate it
-                    conn.execute(
-                        "INSERT INTO stagerd_batches (batch_id, s3_key, state, attempts, worker)"
-                        " VALUES (%s, %s, 'processing', 1, %s)",
-                        (batch_id, archive_key(batch_id), worker),
-                    )
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO stagerd_results (batch_id, item, result) VALUES (%s, %s, %s)"
-                        " ON CONFLICT (batch_id, item) DO NOTHING",
-                        [(batch_id, item, Jsonb(result)) for item, result in rows],
+                sent, inserted = _copy_results(conn, batch_id, results)
+                if unique and inserted != sent:
+                    raise ResultsRejected(
+                        f"results repeat an item ({sent - inserted} duplicate rows)"
                     )
                 conn.execute(
                     "UPDATE stagerd_batches SET state = 'done', process_seconds = %s,"
@@ -216,6 +208,22 @@ class Ledger:
             return True
 
         return self._run("ledger commit", write)
+
+    @staticmethod
+    def _claim_for_commit(conn: psycopg.Connection[Any], batch_id: str, worker: str | None) -> bool:
+        """Lock the batch row for the commit; False if it is already ``done``."""
+        current = conn.execute(
+            "SELECT state FROM stagerd_batches WHERE batch_id = %s FOR UPDATE", (batch_id,)
+        ).fetchone()
+        if current is not None and current[0] == "done":
+            return False
+        if current is None:  # ledger row lost (e.g. a truncated table): recreate it
+            conn.execute(
+                "INSERT INTO stagerd_batches (batch_id, s3_key, state, attempts, worker)"
+                " VALUES (%s, %s, 'processing', 1, %s)",
+                (batch_id, archive_key(batch_id), worker),
+            )
+        return True
 
     def record_failure(
         self,
@@ -228,7 +236,8 @@ class Ledger:
         phase: str | None = None,
     ) -> None:
         """Keep the failure in the history; outcome ``dead`` -> state dead, else failed."""
-        error = error[:MAX_ERROR_CHARS]
+        # A processor's stderr may hold NUL, which PostgreSQL text cannot store.
+        error = error.replace("\x00", "\\0")[:MAX_ERROR_CHARS]
         state = "dead" if outcome == "dead" else "failed"
 
         def write(conn: psycopg.Connection[Any]) -> None:
@@ -310,6 +319,8 @@ class Ledger:
     def _run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         import psycopg
 
+        refused = _refused_errors()
+
         def attempt() -> T:
             with self._lock:
                 if self._conn is None or self._conn.closed:
@@ -320,6 +331,11 @@ class Ledger:
                     )
                 try:
                     return fn(self._conn)
+                except refused as exc:
+                    # The data, not the service: the same rows fail on every retry.
+                    raise ResultsRejected(
+                        f"PostgreSQL refused the data: {first_line(exc)}"
+                    ) from None
                 except psycopg.OperationalError as exc:
                     # A broken connection stays broken: drop it so the retry reconnects.
                     self._drop()
@@ -336,6 +352,50 @@ class Ledger:
                 conn.close()
             except (OSError, psycopg.Error) as exc:
                 log.debug("closing a broken PostgreSQL connection: %s", exc)
+
+
+def _copy_results(
+    conn: psycopg.Connection[Any], batch_id: str, results: Iterable[tuple[str, Any]]
+) -> tuple[int, int]:
+    """COPY *results* through a temporary table into stagerd_results: (sent, inserted).
+
+    The temporary table keeps ``ON CONFLICT DO NOTHING`` (a redelivered or repeated item
+    keeps its first row) while rows still travel by COPY, one at a time."""
+    from stagerd.results import RawJson
+
+    conn.execute(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS stagerd_incoming"
+        " (n bigserial, item text NOT NULL, result jsonb NOT NULL) ON COMMIT DELETE ROWS"
+    )
+    sent = 0
+    with conn.cursor() as cur:
+        with cur.copy("COPY stagerd_incoming (item, result) FROM STDIN") as copy:
+            for item, result in results:
+                text = result.text if isinstance(result, RawJson) else json.dumps(result)
+                copy.write_row((item, text))
+                sent += 1
+        cur.execute(
+            "INSERT INTO stagerd_results (batch_id, item, result)"
+            " SELECT %s, item, result FROM stagerd_incoming ORDER BY n"
+            " ON CONFLICT (batch_id, item) DO NOTHING",
+            (batch_id,),
+        )
+        inserted = cur.rowcount
+    return sent, inserted
+
+
+def _refused_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the values sent, not by the service: SQLSTATE classes 22 (data),
+    23 (integrity) and 54 (program limit: an index row too large, nesting too deep; psycopg
+    files it under OperationalError, which would otherwise mean "retry")."""
+    import psycopg
+
+    return (
+        psycopg.DataError,
+        psycopg.IntegrityError,
+        psycopg.errors.ProgramLimitExceeded,
+        UnicodeEncodeError,  # a lone surrogate psycopg cannot encode
+    )
 
 
 def requeue_stale_batches(

@@ -62,5 +62,15 @@ class ProcessorFailed(TransientError):
     """The processor exited non-zero or timed out."""
 
 
+class ProcessorContained(PermanentError):
+    """The processor broke a limit of its contract (disk allowance, volume headroom)."""
+
+
+class ResultsRejected(PermanentError):
+    """Results the ledger cannot hold: invalid, over a limit, or refused by PostgreSQL.
+
+    Permanent because the same results file would be refused again on every attempt."""
+
+
 class ServiceUnavailable(TransientError):
     """A backing service (S3, Redis, PostgreSQL) could not be reached."""

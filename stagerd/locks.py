@@ -15,11 +15,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
 
 from stagerd.errors import ScratchUnavailable
+from stagerd.fstree import restore_owner_rwx
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
@@ -50,7 +52,25 @@ def try_lock_entry(name: str | Path, dir_fd: int | None = None) -> int | None:
     The caller owns the returned fd (closing it drops the lock). Raises OSError when the
     entry cannot be opened (ELOOP for a symlink, ENOENT if it vanished).
     """
-    fd = open_nofollow(name, dir_fd)
+    try:
+        fd = open_nofollow(name, dir_fd)
+    except PermissionError:
+        # A dir a processor made unreadable (0000/0333): ours, so give the owner back its
+        # rights (never through a link), then open it like any other.
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise
+        parent = (
+            dir_fd
+            if dir_fd is not None
+            else os.open(os.path.dirname(os.path.abspath(name)), os.O_RDONLY | os.O_DIRECTORY)
+        )
+        try:
+            restore_owner_rwx(os.path.basename(name), parent, st)
+        finally:
+            if dir_fd is None:
+                os.close(parent)
+        fd = open_nofollow(name, dir_fd)
     try:
         if try_flock(fd):
             return fd

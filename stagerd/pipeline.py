@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stagerd.errors import ScratchUnavailable, StagerdError
+from stagerd.errors import ResultsRejected, ScratchUnavailable, StagerdError
 from stagerd.log import get_logger
 from stagerd.retry import RetryPolicy, is_transient
 from stagerd.shutdown import ShutdownGuard
@@ -252,6 +252,7 @@ class BatchSteps:
 
     def process(self, staged: Staged, processor: Processor, kill: threading.Event) -> None:
         """Process, commit results + done, ack; the reservation is released in every path."""
+        from stagerd.diskguard import DiskGuard
         from stagerd.processor import ProcessRequest
 
         d, path = staged.delivery, staged.reservation.path
@@ -263,6 +264,9 @@ class BatchSteps:
                 batch_dir=path,
                 input_dir=path / "input",
                 results_path=path / "results.jsonl",
+                guard=DiskGuard(
+                    self.scratch, staged.reservation, self.settings.process_scratch_allowance
+                ),
             )
             try:
                 outcome = processor.run(request, timeout=self.config.process_timeout, stop=kill)
@@ -273,12 +277,19 @@ class BatchSteps:
                 return
             self.set_phase(d, "committing")
             committing = time.monotonic()
-            written = self.ledger.commit_results(
-                staged.job.batch_id,
-                outcome.results,
-                process_seconds=outcome.seconds,
-                worker=self.config.worker_id,
-            )
+            try:
+                written = self.ledger.commit_results(
+                    staged.job.batch_id,
+                    outcome.results,
+                    process_seconds=outcome.seconds,
+                    worker=self.config.worker_id,
+                    unique=True,
+                )
+            except ResultsRejected as exc:
+                # Invalid or over-limit results (ours or PostgreSQL's verdict): the same
+                # file fails every attempt, so the batch ends now.
+                keep = self._end_failed(d, exc, "committing", kill)
+                return
             self._redis(lambda: self.queue.ack(d), "queue ack")
             self._observe(
                 "done",

@@ -278,6 +278,10 @@ class ScratchManager:
             ],
         )
 
+    def free(self) -> int:
+        """Bytes available on the scratch volume now (statvfs ``f_bavail``)."""
+        return self._free()
+
     def reclaim_dead(self, *, dry_run: bool = False) -> list[str]:
         """Drop the records (and half-created temp dirs) of owners that died; their ids."""
         with self.admission_lock():

@@ -166,12 +166,14 @@ def _start_slots(
     kill: threading.Event,
 ) -> list[Slot]:
     from stagerd.processor import Processor, make_processor
+    from stagerd.results import ResultLimits
 
     command = options.processor or settings.processor
     assert command is not None  # checked in _connect
+    limits = ResultLimits(settings.max_results, settings.max_result_bytes)
 
     def new_processor() -> Processor:
-        return make_processor(command, options.processor_mode)
+        return make_processor(command, options.processor_mode, limits=limits)
 
     in_flight = InFlight()
     slots = [

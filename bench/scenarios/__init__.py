@@ -6,7 +6,17 @@ from collections.abc import Callable
 
 from bench.context import BenchContext
 from bench.model import ScenarioResult
-from bench.scenarios import janitor, prefetch, resume, smallfiles, stage, startup, tiny, upload
+from bench.scenarios import (
+    janitor,
+    prefetch,
+    results,
+    resume,
+    smallfiles,
+    stage,
+    startup,
+    tiny,
+    upload,
+)
 
 SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
     "upload": upload.run,
@@ -19,4 +29,5 @@ SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
     "startup": startup.run,
     "prefetch_1to3": prefetch.run_1to3,
     "prefetch_1to1": prefetch.run_1to1,
+    "results_1m": results.run,
 }

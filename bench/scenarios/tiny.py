@@ -27,7 +27,10 @@ from bench.scenarios.common import migrate_once, with_extra
 from bench.scenarios.daemons import daemons, log_tail, wait_for
 
 NAME = "tiny"
-NOOP = '#!/bin/sh\n# bench no-op processor: an empty results file, exit 0\n: > "$STAGERD_RESULTS"\n'
+NOOP = (
+    "#!/bin/sh\n# bench no-op processor: no results (said explicitly by the trailer), exit 0\n"
+    'echo \'{"stagerd": "end", "count": 0}\' > "$STAGERD_RESULTS"\n'
+)
 
 
 def run(ctx: BenchContext) -> ScenarioResult:

@@ -73,7 +73,7 @@ def gpu(
     ] = None,
 ) -> None:
     """Consume the queue: reserve scratch, stage, process, record results in PostgreSQL."""
-    from stagerd import sdnotify
+    from stagerd import proctree, sdnotify
     from stagerd.errors import UsageError
     from stagerd.worker import PROCESSOR_MODES, WorkerOptions, run
 
@@ -108,5 +108,7 @@ def gpu(
         on_ready=lambda: sdnotify.ready("connected; consuming " + settings.queue),
         on_tick=on_tick,
     )
+    # Before any processor starts: its same-user code must not read our memory/environ.
+    proctree.harden_worker()
     run(settings, options, stop)
     sdnotify.stopping()

@@ -61,7 +61,7 @@ def assert_done_once(g: Guest, batch_id: str) -> dict[str, Any]:
     assert len(items) == FILES and len(set(items)) == FILES, (g.name, items)
     status = g.stagerd_json("status --json")
     assert status["queue"]["pending"] == 0 and status["queue"]["dead"] == 0, status["queue"]
-    in_flight = [j for w in status["workers"] for j in w.get("jobs", [])]
+    in_flight = [j for w in status["workers"] for j in w.get("in_flight", [])]
     assert not in_flight, in_flight
     wait_for(f"{g.name}: scratch empty", lambda: g.scratch_entries() == [], 60,
              on_fail=lambda: f"left in scratch: {g.scratch_entries()}")  # fmt: skip
@@ -75,7 +75,7 @@ def wait_processing(g: Guest, batch_id: str) -> None:
     def phase() -> bool:
         status = g.stagerd_json("status --json")
         return any(j["batch_id"] == batch_id and j["phase"] == "processing"
-                   for w in status["workers"] for j in w.get("jobs", []))  # fmt: skip
+                   for w in status["workers"] for j in w.get("in_flight", []))  # fmt: skip
 
     wait_for(f"{g.name}: stagerd status shows {batch_id} processing", phase, 60, interval=2)
     g.ssh("pgrep -f vmtest/processor >/dev/null")

@@ -6,9 +6,13 @@ shiv runs this file with three globals injected: ``archive`` (path of the zipapp
 1. Refuse a Python minor version other than the one the artifact was built for: its binary
    wheels (psycopg-binary, pydantic-core) only load there, and a clear line beats an
    ImportError deep inside a job.
-2. Keep a shared ``flock`` on this build's extraction for the life of the process, so a
+2. Refuse, in one line naming what is missing, when a locked dependency that the running
+   micro release needs cannot be found (async-timeout below 3.11.3: the lock says which
+   releases need what, and ``_build.REQUIRES`` carries that table into the artifact).
+   Checked with ``find_spec``, which locates without importing: it costs milliseconds.
+3. Keep a shared ``flock`` on this build's extraction for the life of the process, so a
    newer build never deletes files a running worker still imports lazily.
-3. Prune the extractions of other builds that nobody holds: every upgrade unpacks a new
+4. Prune the extractions of other builds that nobody holds: every upgrade unpacks a new
    ``stagerd_<build id>`` under SHIV_ROOT, and without this a VM's cache grows forever.
 
 Pruning is best effort (any OSError leaves the old extraction for the next run) and can be
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import os
 import shutil
 import sys
@@ -39,6 +44,40 @@ def check_python() -> None:
             f"stagerd: error: this artifact was built for Python {built_for} but runs on "
             f"{running} ({sys.executable}); rebuild it with "
             f"build/shiv.sh --python-version {running}, or point its shebang at python{built_for}\n"
+        )
+        sys.exit(2)
+
+
+def missing_requirements(table: list[list[object]], micro: int) -> list[str]:
+    """The pins of *table* (``[requirement, import name, micros]``) that this micro
+    release needs and cannot find, as ``"requirement (import name)"``."""
+    missing = []
+    for requirement, module, micros in table:
+        if not isinstance(micros, list) or micro not in micros:
+            continue
+        try:
+            found = importlib.util.find_spec(str(module)) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(f"{requirement} (import {module})")
+    return missing
+
+
+def check_requirements() -> None:
+    try:
+        from stagerd import _build
+    except ImportError:
+        return
+    table = getattr(_build, "REQUIRES", None)
+    if not isinstance(table, list):
+        return
+    missing = missing_requirements(table, sys.version_info[2])
+    if missing:
+        running = ".".join(str(part) for part in sys.version_info[:3])
+        sys.stderr.write(
+            f"stagerd: error: this artifact lacks {', '.join(missing)}, which Python "
+            f"{running} needs; rebuild it with build/shiv.sh from the committed lock\n"
         )
         sys.exit(2)
 
@@ -117,6 +156,7 @@ def prune(current: Path, build_id: str) -> None:
 
 def main(site_packages: Path, build_id: str) -> None:
     check_python()
+    check_requirements()
     current = site_packages.parent
     if not hold_extraction(current):
         # A pruner removed our extraction between shiv's check and now: start over once,

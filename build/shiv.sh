@@ -12,7 +12,8 @@
 #   --print-build-id        print the build id of these inputs and exit (nothing is built)
 #   --lock                  re-resolve build/requirements.lock from pyproject.toml and exit
 # Environment:
-#   BUILD_PYTHON       interpreter with pip and shiv (default $STAGERD_VENV or .venv, else python3)
+#   BUILD_PYTHON       interpreter with pip, packaging and shiv (default: the project venv if it
+#                      has them, else build/work/buildenv, created from build/build-requirements.txt)
 #   SOURCE_DATE_EPOCH  timestamp of every zip entry (default: the last commit's time)
 #   STAGERD_WHEELHOUSE where the target's locked wheels are kept (default build/work/wheels)
 #
@@ -49,13 +50,28 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# The build interpreter needs pip, packaging and the pinned shiv. The project venv has
+# them once build/venv.sh ran; on a fresh clone this script makes a small build venv of
+# its own (build/work/buildenv) rather than failing on the system Python.
+has_tools() { [ -x "$1" ] && "$1" -c 'import shiv, packaging, pip' 2>/dev/null; }
 py="${BUILD_PYTHON:-}"
-if [ -z "$py" ]; then
-    for candidate in "${STAGERD_VENV:-$root/.venv}/bin/python" "$(command -v python3 || true)"; do
-        if [ -x "$candidate" ]; then py="$candidate"; break; fi
-    done
+if [ -n "$py" ]; then
+    has_tools "$py" || die "BUILD_PYTHON=$py lacks shiv, packaging or pip"
+elif has_tools "${STAGERD_VENV:-$root/.venv}/bin/python"; then
+    py="${STAGERD_VENV:-$root/.venv}/bin/python"
+else
+    py="$work_root/buildenv/bin/python"
+    if ! has_tools "$py"; then
+        system_python="${PYTHON:-python3}"
+        command -v "$system_python" >/dev/null || die "no python3 found: set BUILD_PYTHON"
+        echo "shiv.sh: preparing the build environment $work_root/buildenv" >&2
+        rm -rf "$work_root/buildenv"
+        "$system_python" -m venv "$work_root/buildenv" ||
+            die "could not create a venv with $system_python (Debian: apt-get install python3-venv)"
+        "$py" -m pip install --quiet --disable-pip-version-check -r "$here/build-requirements.txt" ||
+            die "could not install $here/build-requirements.txt into the build environment"
+    fi
 fi
-[ -n "$py" ] || die "no Python found: set BUILD_PYTHON"
 tool() { "$py" "$here/shivtool.py" "$@"; }
 
 if [ "$action" = lock ]; then
@@ -118,6 +134,10 @@ fi
     --no-index --find-links "$wheelhouse" --target "$site" "${target_args[@]}" \
     -r "$work/pins.txt"
 
+# Which import names each pin provides, read from the RECORDs before they are dropped:
+# the artifact checks at start-up that its running Python finds every one it needs.
+requires_json="$(tool requires "$lock" "$python_version" "$site")"
+
 # botocore ships the models of ~450 AWS services (2,000 files, 28 MB); stagerd talks to S3
 # only. Every zip entry costs start time (shiv and zipimport read the whole directory on
 # each start), so keep just the models used.
@@ -135,12 +155,13 @@ find "$site" -name __pycache__ -type d -prune -exec rm -rf {} +
 
 tool stage-package "$site"
 tool stamp "$site/stagerd/_build.py" "$("$py" - "$build_id" "$version" "$python_version" \
-    "$SOURCE_DATE_EPOCH" "$(git -C "$root" rev-parse HEAD 2>/dev/null || true)" "${platforms[@]}" <<'EOF'
+    "$SOURCE_DATE_EPOCH" "$(git -C "$root" rev-parse HEAD 2>/dev/null || true)" "$requires_json" \
+    "${platforms[@]}" <<'EOF'
 import json, sys
-build_id, version, python_version, epoch, commit, *platforms = sys.argv[1:]
+build_id, version, python_version, epoch, commit, requires, *platforms = sys.argv[1:]
 print(json.dumps({"BUILD_ID": build_id, "VERSION": version, "GIT_COMMIT": commit,
                   "SOURCE_DATE_EPOCH": int(epoch), "PYTHON_VERSION": python_version,
-                  "PLATFORMS": platforms}))
+                  "PLATFORMS": platforms, "REQUIRES": json.loads(requires)}))
 EOF
 )"
 cp "$here/shiv-preamble.py" "$work/stagerd-preamble.py"

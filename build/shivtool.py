@@ -2,13 +2,18 @@
 
 Kept in Python (not bash) because these steps need marker evaluation, hashing and JSON:
 
-* ``lock``: resolve ``[project].dependencies`` of pyproject.toml with pip for every
-  supported CPython minor version (binary wheels only) and write one pinned requirements
-  file. A pin that differs between versions carries a ``python_version`` marker, so one
-  lock serves GPU VMs on 3.10 and 3.12 alike.
-* ``select``: the pins of the lock that apply to one target Python version. pip evaluates
-  markers against the interpreter running pip, not against ``--python-version``, so the
-  build filters the lock itself and installs the result with ``--no-deps``.
+* ``lock``: resolve ``[project].dependencies`` of pyproject.toml for every supported
+  CPython minor version (binary wheels only) and write one pinned requirements file. pip
+  supplies versions and metadata; the dependency graph is walked here with markers
+  evaluated for every micro release, so a pin that only part of a minor version needs
+  (async-timeout below 3.11.3) carries a ``python_full_version`` marker, and one lock
+  serves GPU VMs on 3.10, 3.11.2 and 3.13 alike.
+* ``select``: the pins of the lock that some micro release of one target minor version
+  needs. pip evaluates markers against the interpreter running pip, not against
+  ``--python-version``, so the build filters the lock itself and installs the result with
+  ``--no-deps``.
+* ``requires``: for the artifact's start-up check, which import names each pin provides
+  and on which micro releases it is needed.
 * ``build-id``: a digest of every input of the artifact. Same inputs, same id, same bytes.
 * ``stage-package``: copy the package sources into the staged site-packages.
 * ``stamp``: write ``stagerd/_build.py`` into the staged copy of the package.
@@ -36,14 +41,6 @@ SKIP_PARTS = {"__pycache__"}
 SKIP_NAMES = {"_build.py"}
 
 
-def _marker_module():  # type: ignore[no-untyped-def]
-    try:
-        from packaging import markers
-    except ImportError:  # a bare build venv: pip always vendors packaging
-        from pip._vendor.packaging import markers  # type: ignore[no-redef]
-    return markers
-
-
 def project_metadata() -> dict[str, object]:
     try:
         import tomllib
@@ -53,8 +50,41 @@ def project_metadata() -> dict[str, object]:
         return dict(tomllib.load(fh)["project"])
 
 
-def resolve(python_version: str, requirements: list[str]) -> dict[str, str]:
-    """Ask pip which distributions (name -> version) a fresh install would pick."""
+# Markers are evaluated for every micro release of a minor version up to this one: a pin
+# like async-timeout's ``python_full_version < "3.11.3"`` applies to part of 3.11 only.
+MAX_MICRO = 40
+
+
+def _packaging():  # type: ignore[no-untyped-def]
+    try:
+        from packaging import markers, requirements
+    except ImportError:  # a bare build venv: pip always vendors packaging
+        from pip._vendor.packaging import markers, requirements  # type: ignore[no-redef]
+    return markers, requirements
+
+
+def environment(minor: str, micro: int) -> dict[str, str]:
+    """The marker environment of CPython *minor*.*micro* on Linux."""
+    return {
+        "python_version": minor,
+        "python_full_version": f"{minor}.{micro}",
+        "implementation_name": "cpython",
+        "implementation_version": f"{minor}.{micro}",
+        "platform_python_implementation": "CPython",
+        "sys_platform": "linux",
+        "os_name": "posix",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+    }
+
+
+def resolve(python_version: str, requirements: list[str]) -> dict[str, dict[str, object]]:
+    """Ask pip which distributions a fresh install would pick: name -> pip's metadata.
+
+    pip evaluates markers against the interpreter running it, never against
+    ``--python-version`` (its report's environment says 3.11.7 when asked for 3.10), so
+    this only serves as a source of versions and metadata; :func:`closure` decides which
+    distributions each target really needs."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp, "report.json")
         abi = "cp" + python_version.replace(".", "")
@@ -66,44 +96,109 @@ def resolve(python_version: str, requirements: list[str]) -> dict[str, str]:
         ]  # fmt: skip
         subprocess.run(cmd, check=True)
         data = json.loads(report.read_text())
-    return {
-        _normalise(item["metadata"]["name"]): item["metadata"]["version"]
-        for item in data["install"]
-    }
+    return {_normalise(item["metadata"]["name"]): item["metadata"] for item in data["install"]}
 
 
 def _normalise(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def _marker_for(versions: list[str]) -> str:
-    return " or ".join(f'python_version == "{v}"' for v in versions)
+def closure(
+    requirements: list[str], metadata: dict[str, dict[str, object]], env: dict[str, str]
+) -> tuple[set[str], list[str]]:
+    """Walk the dependency graph from *requirements* with markers evaluated in *env*.
+
+    Returns the needed distribution names, and the requirement strings of those needed
+    but missing from *metadata* (pip left them out: their marker was false for pip's own
+    interpreter)."""
+    _, reqs = _packaging()
+    needed: set[str] = set()
+    missing: list[str] = []
+    todo = [(reqs.Requirement(r), "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({**env, "extra": extra}):
+            continue
+        name = _normalise(req.name)
+        if name not in metadata:
+            missing.append(f"{req.name}{req.specifier}")
+            continue
+        extras = sorted(req.extras)
+        key = f"{name}[{','.join(extras)}]"
+        if key in needed:
+            continue
+        needed.add(key)
+        for raw in metadata[name].get("requires_dist") or []:  # type: ignore[attr-defined]
+            child = reqs.Requirement(str(raw))
+            todo.extend((child, e) for e in extras or [""])
+    return {k.split("[", 1)[0] for k in needed}, missing
+
+
+def resolve_minor(minor: str, requirements: list[str]) -> dict[str, tuple[str, set[int]]]:
+    """name -> (version, the micro releases of *minor* that need it)."""
+    extra: list[str] = []
+    for _ in range(8):
+        metadata = resolve(minor, requirements + extra)
+        micros: dict[str, set[int]] = defaultdict(set)
+        missing: set[str] = set()
+        for micro in range(MAX_MICRO + 1):
+            names, lacking = closure(requirements, metadata, environment(minor, micro))
+            for name in names:
+                micros[name].add(micro)
+            missing.update(lacking)
+        new = sorted(missing - set(extra))
+        if not new:
+            return {n: (str(metadata[n]["version"]), m) for n, m in micros.items()}
+        extra += new
+    raise SystemExit(f"shivtool: the dependencies for Python {minor} did not converge")
+
+
+def _marker_for(where: dict[str, set[int]]) -> str:
+    """A marker true exactly on the (minor, micro) points of *where*."""
+    terms = []
+    for minor in sorted(where, key=lambda v: tuple(map(int, v.split(".")))):
+        micros = sorted(where[minor])
+        if micros == list(range(MAX_MICRO + 1)):
+            terms.append(f'python_version == "{minor}"')
+            continue
+        start = prev = micros[0]
+        for micro in [*micros[1:], None]:
+            if micro is not None and micro == prev + 1:
+                prev = micro
+                continue
+            low = f'python_full_version >= "{minor}.{start}"'
+            if prev == MAX_MICRO:
+                terms.append(f'(python_version == "{minor}" and {low})')
+            else:
+                terms.append(f'({low} and python_full_version < "{minor}.{prev + 1}")')
+            if micro is not None:
+                start = prev = micro
+    return " or ".join(terms)
 
 
 def write_lock(path: Path) -> None:
     requirements = [str(r) for r in project_metadata()["dependencies"]]  # type: ignore[attr-defined]
-    per_python = {py: resolve(py, requirements) for py in LOCK_PYTHONS}
-    # name -> version -> python versions that resolved to it
-    pins: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for py, resolved in per_python.items():
-        for name, version in resolved.items():
-            pins[name][version].append(py)
+    # name -> version -> minor -> micros that need it
+    pins: dict[str, dict[str, dict[str, set[int]]]] = defaultdict(lambda: defaultdict(dict))
+    for minor in LOCK_PYTHONS:
+        for name, (version, micros) in resolve_minor(minor, requirements).items():
+            pins[name][version][minor] = micros
+    everywhere = {minor: set(range(MAX_MICRO + 1)) for minor in LOCK_PYTHONS}
     lines = [
         "# The runtime dependencies of stagerd, pinned. Generated by `build/shiv.sh --lock`",
         "# from pyproject.toml [project].dependencies, resolved with pip for CPython",
         f"# {', '.join(LOCK_PYTHONS)} on {LOCK_PLATFORM} (binary wheels only).",
-        "# A pin that differs between Python versions carries a python_version marker;",
-        "# build/shiv.sh installs the pins of its target version with --no-deps.",
+        "# Markers are evaluated for every micro release (python_full_version), not only",
+        "# the build interpreter's: a pin needed by part of a minor version says which part.",
+        "# build/shiv.sh installs every pin that some release of its target minor needs,",
+        "# with --no-deps; the artifact checks at start-up that the running one has its own.",
         lock_inputs_line(),
     ]
     for name in sorted(pins):
-        versions = pins[name]
-        for version in sorted(versions):
-            pythons = versions[version]
-            if len(versions) == 1 and len(pythons) == len(LOCK_PYTHONS):
-                lines.append(f"{name}=={version}")
-            else:
-                lines.append(f"{name}=={version} ; {_marker_for(pythons)}")
+        for version in sorted(pins[name]):
+            where = pins[name][version]
+            marker = "" if where == everywhere else f" ; {_marker_for(where)}"
+            lines.append(f"{name}=={version}{marker}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -121,32 +216,66 @@ def check_fresh(lock: Path) -> None:
         )
 
 
-def select(lock: Path, python_version: str) -> list[str]:
-    """The ``name==version`` pins of *lock* that apply to *python_version*."""
+def lock_entries(lock: Path, python_version: str) -> list[tuple[str, list[int]]]:
+    """``(name==version, micros)`` for the pins of *lock* that some micro release of
+    *python_version* (X.Y) needs, with the micros that need it."""
     check_fresh(lock)
-    markers = _marker_module()
-    major, minor = python_version.split(".")[:2]
-    environment = {
-        "python_version": f"{major}.{minor}",
-        "python_full_version": f"{major}.{minor}.0",
-        "implementation_name": "cpython",
-        "platform_python_implementation": "CPython",
-        "sys_platform": "linux",
-        "os_name": "posix",
-        "platform_system": "Linux",
-    }
-    pins = []
+    markers, _ = _packaging()
+    minor = ".".join(python_version.split(".")[:2])
+    entries = []
     for raw in lock.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         requirement, _, marker = (part.strip() for part in line.partition(";"))
-        if marker and not markers.Marker(marker).evaluate(environment):
-            continue
-        pins.append(requirement)
-    if not pins:
+        micros = list(range(MAX_MICRO + 1))
+        if marker:
+            parsed = markers.Marker(marker)
+            micros = [m for m in micros if parsed.evaluate(environment(minor, m))]
+        if micros:
+            entries.append((requirement, micros))
+    if not entries:
         raise SystemExit(f"shiv.sh: {lock} has no pins for Python {python_version}")
-    return pins
+    return entries
+
+
+def select(lock: Path, python_version: str) -> list[str]:
+    """The ``name==version`` pins of *lock* that an artifact for *python_version* holds:
+    every pin some micro release of it needs (one artifact serves 3.11.2 and 3.11.9)."""
+    return [requirement for requirement, _ in lock_entries(lock, python_version)]
+
+
+def import_names(site: Path) -> dict[str, list[str]]:
+    """distribution name -> its top-level import names, read from the installed RECORDs."""
+    names: dict[str, list[str]] = {}
+    for record in sorted(site.glob("*.dist-info/RECORD")):
+        dist = _normalise(record.parent.name.removesuffix(".dist-info").rsplit("-", 1)[0])
+        tops = set()
+        for row in record.read_text().splitlines():
+            first = row.split(",", 1)[0].split("/", 1)
+            top = first[0]
+            if top.endswith((".dist-info", ".data")) or top in {"..", "bin", "__pycache__"}:
+                continue
+            if len(first) == 1:
+                if not top.endswith((".py", ".so")):
+                    continue
+                top = top.split(".", 1)[0]
+            if top.isidentifier():
+                tops.add(top)
+        names[dist] = sorted(tops)
+    return names
+
+
+def requires(lock: Path, python_version: str, site: Path) -> list[list[object]]:
+    """The start-up check's table: ``[requirement, import name, micros]`` for every pin,
+    so the artifact can tell, without ``packaging``, what its running Python needs."""
+    names = import_names(site)
+    table: list[list[object]] = []
+    for requirement, micros in lock_entries(lock, python_version):
+        dist = _normalise(requirement.split("==", 1)[0])
+        for module in names.get(dist, []):
+            table.append([requirement, module, micros])
+    return table
 
 
 def _package_files() -> list[Path]:
@@ -215,6 +344,10 @@ def main(argv: list[str]) -> int:
     p_stamp = sub.add_parser("stamp")
     p_stamp.add_argument("path", type=Path)
     p_stamp.add_argument("values_json")
+    p_requires = sub.add_parser("requires")
+    p_requires.add_argument("lock", type=Path)
+    p_requires.add_argument("python_version")
+    p_requires.add_argument("site", type=Path)
     p_stage = sub.add_parser("stage-package")
     p_stage.add_argument("site", type=Path)
     sub.add_parser("version")
@@ -227,6 +360,8 @@ def main(argv: list[str]) -> int:
     elif args.command == "build-id":
         target = json.loads(args.target_json)
         print(build_id(select(args.lock, target["python_version"]), target))
+    elif args.command == "requires":
+        print(json.dumps(requires(args.lock, args.python_version, args.site)))
     elif args.command == "stamp":
         stamp(args.path, json.loads(args.values_json))
     elif args.command == "stage-package":

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "dlq",
     "db",
     "config_cmd",
+    "selfcheck",
 )
 
 app = typer.Typer(

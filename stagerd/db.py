@@ -27,6 +27,7 @@ from stagerd.log import get_logger
 from stagerd.pg import CLI_POLICY, DB_POLICY, connect, first_line, is_db_transient
 from stagerd.retry import RetryPolicy
 from stagerd.schema import Migration, load_migrations, migrate, pending_migrations
+from stagerd.shutdown import ShutdownGuard
 
 __all__ = [
     "CLI_POLICY",
@@ -105,9 +106,12 @@ class Ledger:
         *,
         policy: RetryPolicy = DB_POLICY,
         application_name: str = "stagerd",
+        guard: ShutdownGuard | None = None,
     ) -> None:
         self._url = database_url
         self._policy = policy
+        # The worker's: once it is stopping, calls are bounded (stagerd.shutdown).
+        self._guard = guard or ShutdownGuard()
         self._application_name = application_name
         self._conn: psycopg.Connection[Any] | None = None
         # One connection, one transaction at a time: slots take turns (calls are short).
@@ -321,7 +325,7 @@ class Ledger:
                     self._drop()
                     raise ServiceUnavailable(f"PostgreSQL: {first_line(exc)}") from None
 
-        return self._policy.call(attempt, what=what)
+        return self._guard.call(self._policy, attempt, what=what, service="PostgreSQL")
 
     def _drop(self) -> None:
         import psycopg

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from stagerd.errors import ScratchUnavailable, StagerdError
 from stagerd.log import get_logger
 from stagerd.retry import RetryPolicy, is_transient
+from stagerd.shutdown import ShutdownGuard
 
 if TYPE_CHECKING:
     from stagerd.config import Settings
@@ -101,8 +102,11 @@ class BatchSteps:
         scratch: ScratchManager,
         s3: Any,
         metrics: Metrics | None = None,
+        guard: ShutdownGuard | None = None,
     ) -> None:
         self.settings = settings
+        # The worker's: once it is stopping, service calls are bounded (stagerd.shutdown).
+        self.guard = guard or ShutdownGuard()
         self.config = config
         self.queue = queue
         self.ledger = ledger
@@ -113,7 +117,9 @@ class BatchSteps:
     # --- queue edge ---------------------------------------------------------------
 
     def _redis(self, fn: Callable[[], T], what: str, stop: threading.Event | None = None) -> T:
-        return self.config.service_policy.call(fn, what=what, stop=stop)
+        return self.guard.call(
+            self.config.service_policy, fn, what=what, service="Redis", stop=stop
+        )
 
     def pop(self, stop: threading.Event) -> Delivery | None:
         """The next job, or None when the queue stayed empty for ``pop_timeout``."""
@@ -148,18 +154,26 @@ class BatchSteps:
         except Exception as exc:
             if not _handled(exc):
                 raise
-            keep = self._end_failed(d, exc, "staging", stop)
-            if reservation is not None:
-                reservation.release(remove=not keep)
+            keep = False
+            try:
+                keep = self._end_failed(d, exc, "staging", stop)
+            finally:
+                # Also when ending the job failed (a stopping worker left it for recovery).
+                if reservation is not None:
+                    reservation.release(remove=not keep)
             return None
-        self.ledger.mark_processing(
-            job.batch_id,
-            archive_bytes=result.archive_bytes,
-            extracted_bytes=result.extracted_bytes,
-            file_count=result.file_count,
-            sha256=result.sha256,
-            stage_seconds=result.seconds,
-        )
+        try:
+            self.ledger.mark_processing(
+                job.batch_id,
+                archive_bytes=result.archive_bytes,
+                extracted_bytes=result.extracted_bytes,
+                file_count=result.file_count,
+                sha256=result.sha256,
+                stage_seconds=result.seconds,
+            )
+        except BaseException:
+            reservation.release()
+            raise
         return Staged(d, job, reservation, result)
 
     def _validate(self, d: Delivery) -> Job | None:

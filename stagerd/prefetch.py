@@ -19,6 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from stagerd.log import get_logger
+from stagerd.shutdown import LeftForRecovery
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,6 +94,18 @@ class Slot:
         def run() -> None:
             try:
                 loop()
+            except LeftForRecovery as exc:
+                # Stopping with a service unreachable: the job stays in this worker's
+                # processing list, which its next start (or another worker) recovers.
+                log.warning(
+                    "slot %d: %s; its job stays in the processing list for recovery",
+                    self.index,
+                    exc,
+                )
+                self._stop.set()
+                with self._cond:
+                    self._stager_done = True
+                    self._cond.notify_all()
             except BaseException as exc:
                 # A bug or an unreachable service: stop the whole worker, keep the job in
                 # the processing list (the restarted worker takes it back), re-raise in run().
@@ -140,7 +153,12 @@ class Slot:
         if staged is None:
             return "ended"
         # Before the hand-off, so the processor's "processing" is never overwritten.
-        self._steps.set_phase(delivery, "staged")
+        try:
+            self._steps.set_phase(delivery, "staged")
+        except BaseException:
+            staged.reservation.release()
+            self._in_flight.add(-1)
+            raise
         with self._cond:
             self._ready.append(staged)
             self._cond.notify_all()
@@ -154,6 +172,13 @@ class Slot:
         for staged in reversed(waiting):
             try:
                 self._steps.requeue(staged.delivery, "worker shutting down (prefetched)")
+            except LeftForRecovery as exc:
+                log.warning(
+                    "prefetched batch %s not handed back (%s); it stays in the processing "
+                    "list for recovery",
+                    staged.job.batch_id,
+                    exc,
+                )
             finally:
                 staged.reservation.release()
                 self._in_flight.add(-1)

@@ -138,7 +138,7 @@ class RetryPolicy:
                 what,
                 number,
                 self.attempts,
-                _brief(exc),
+                brief(exc),
                 extra={"retry_of": what, "attempt": number},
             )
             if before_retry is not None:
@@ -162,7 +162,8 @@ class RetryPolicy:
         return decorate
 
 
-def _brief(exc: BaseException | None) -> str:
+def brief(exc: BaseException | None) -> str:
+    """An exception as one line: ``Type: first line of its message`` (at most 300 chars)."""
     if exc is None:
         return "?"
     text = str(exc).splitlines()[0] if str(exc) else ""

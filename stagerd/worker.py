@@ -26,6 +26,7 @@ from stagerd.log import get_logger
 from stagerd.pipeline import SERVICE_POLICY, BatchSteps, StepConfig
 from stagerd.prefetch import InFlight, Slot
 from stagerd.retry import RetryPolicy
+from stagerd.shutdown import LeftForRecovery, ShutdownGuard
 
 if TYPE_CHECKING:
     from stagerd.config import Settings
@@ -60,7 +61,8 @@ def run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> No
     flight. Raises ConfigError on missing configuration, ServiceUnavailable when a backing
     service stays unreachable, and re-raises an unexpected error of a slot after shutdown."""
     _check(options)
-    steps, queue = _connect(settings, options)
+    guard = ShutdownGuard(stop)
+    steps, queue = _connect(settings, options, guard)
     worker_id = queue.worker_id
     kill = threading.Event()
     heartbeat = Heartbeat(queue, settings.database_url, stop)
@@ -81,16 +83,25 @@ def run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> No
     finally:
         heartbeat.stop()
         steps.ledger.close()
-        try:
-            SERVICE_POLICY.call(queue.deregister, what="queue deregister")
-        except Exception as exc:
-            if not SERVICE_POLICY.classify(exc):
-                raise
-            log.warning("could not drop the heartbeat of %s: %s", worker_id, exc)
+        _deregister(queue, guard)
     errors = [exc for slot in slots for exc in slot.errors] + heartbeat.errors
     if errors:
         raise errors[0]
     log.info("worker %s stopped cleanly", worker_id, extra={"worker": worker_id})
+
+
+def _deregister(queue: ReliableQueue, guard: ShutdownGuard) -> None:
+    """Drop our heartbeat, bounded: a stop must never wait on an unreachable Redis."""
+    try:
+        guard.final(SERVICE_POLICY, queue.deregister, what="queue deregister", service="Redis")
+    except LeftForRecovery as exc:
+        log.warning(
+            "stopping without deregistering: %s; jobs still in %s are taken back when this "
+            "worker starts again, or by another worker once the heartbeat expires",
+            exc,
+            queue.processing,
+            extra={"worker": queue.worker_id},
+        )
 
 
 def _check(options: WorkerOptions) -> None:
@@ -106,7 +117,9 @@ def _check(options: WorkerOptions) -> None:
         raise ConfigError(f"--drain-timeout must not be negative, got {options.drain_timeout}")
 
 
-def _connect(settings: Settings, options: WorkerOptions) -> tuple[BatchSteps, ReliableQueue]:
+def _connect(
+    settings: Settings, options: WorkerOptions, guard: ShutdownGuard
+) -> tuple[BatchSteps, ReliableQueue]:
     """Every IO edge, connected: migrate, register in Redis, open scratch and S3."""
     from stagerd.db import Ledger, migrate
     from stagerd.metrics import Metrics
@@ -136,10 +149,11 @@ def _connect(settings: Settings, options: WorkerOptions) -> tuple[BatchSteps, Re
         settings,
         config,
         queue=queue,
-        ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}"),
+        ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}", guard=guard),
         scratch=ScratchManager.from_settings(settings),
         s3=get_s3_client(settings),
         metrics=Metrics(settings.metrics_file, "gpu"),
+        guard=guard,
     )
     return steps, queue
 

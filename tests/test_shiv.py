@@ -294,3 +294,137 @@ def test_cross_build_for_another_python_runs_there(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["binary", version]
     assert sha256_of(target.path) == target.sha256
+
+
+def _shivtool():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(ROOT / "build"))
+    try:
+        import shivtool
+    finally:
+        sys.path.remove(str(ROOT / "build"))
+    return shivtool
+
+
+def test_lock_follows_full_version_markers() -> None:
+    """redis needs async-timeout below Python 3.11.3 only: the 3.11 artifact must carry it
+    (Debian 12 runs 3.11.2), 3.12 must not, and the lock says which micro releases need it."""
+    shivtool = _shivtool()
+    lock = ROOT / "build" / "requirements.lock"
+    entries = dict(shivtool.lock_entries(lock, "3.11"))
+    timeout_pin = next(pin for pin in entries if pin.startswith("async-timeout=="))
+    assert entries[timeout_pin] == [0, 1, 2]
+    assert timeout_pin in shivtool.select(lock, "3.10")
+    assert not any(pin.startswith("async-timeout==") for pin in shivtool.select(lock, "3.12"))
+
+
+def test_closure_walks_markers_and_extras_per_micro_release() -> None:
+    """The dependency walk (pure logic over pip's metadata) for two 3.11 releases."""
+    shivtool = _shivtool()
+    metadata = {
+        "redis": {"version": "8.1.0", "requires_dist": [
+            "async-timeout>=4.0.3; python_full_version < '3.11.3'",
+            "hiredis>=3.2.0; extra == 'hiredis'",
+        ]},
+        "psycopg": {"version": "3.3.9", "requires_dist": [
+            'typing-extensions>=4.6; python_version < "3.13"',
+            'psycopg-binary==3.3.9; implementation_name != "pypy" and extra == "binary"',
+        ]},
+        "psycopg-binary": {"version": "3.3.9", "requires_dist": None},
+        "typing-extensions": {"version": "4.16.0", "requires_dist": None},
+    }  # fmt: skip
+    top = ["redis>=5", "psycopg[binary]>=3.1"]
+    old, missing_old = shivtool.closure(top, metadata, shivtool.environment("3.11", 2))
+    new, missing_new = shivtool.closure(top, metadata, shivtool.environment("3.11", 7))
+    assert old == new == {"redis", "psycopg", "psycopg-binary", "typing-extensions"}
+    assert missing_old == ["async-timeout>=4.0.3"]
+    assert missing_new == []
+
+
+def test_marker_for_covers_exactly_the_given_releases() -> None:
+    shivtool = _shivtool()
+    from packaging.markers import Marker
+
+    everything = set(range(shivtool.MAX_MICRO + 1))
+    where = {"3.10": everything, "3.11": {0, 1, 2}, "3.12": {5, 6} | (everything - set(range(9)))}
+    marker = Marker(shivtool._marker_for(where))
+    for minor in ("3.10", "3.11", "3.12", "3.13"):
+        for micro in range(shivtool.MAX_MICRO + 1):
+            expected = micro in where.get(minor, set())
+            assert marker.evaluate(shivtool.environment(minor, micro)) is expected, (minor, micro)
+
+
+def _debian_python_below_3113() -> str | None:
+    """/usr/bin/python3 when it is a 3.11 older than 3.11.3 (Debian 12: 3.11.2)."""
+    probe = subprocess.run(
+        ["/usr/bin/python3", "-c", "import sys; print(*sys.version_info[:3])"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        return None
+    major, minor, micro = (int(part) for part in probe.stdout.split())
+    return "/usr/bin/python3" if (major, minor) == (3, 11) and micro < 3 else None
+
+
+def test_artifact_loads_every_role_on_a_distribution_python_below_3113(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    """The day-one failure on Debian 12: redis-py imports async_timeout on 3.11.2. The
+    artifact built here (on 3.11.7) must carry it; selfcheck imports every role's modules;
+    and an extraction that lost a locked module is refused in one line naming it."""
+    python = _debian_python_below_3113()
+    if python is None or RUNNING != "3.11":
+        pytest.skip("needs a 3.11 build and /usr/bin/python3 older than 3.11.3")
+    root = tmp_path / "shiv-root"
+    done = run_artifact(artifact.path, ["selfcheck", "--json"], shiv_root=root, python=python)
+    assert done.returncode == 0, done.stderr
+    assert '"ok": true' in done.stdout
+    site = next(root.glob("stagerd_*/site-packages"))
+    shutil.rmtree(site / "async_timeout")
+    done = run_artifact(artifact.path, ["--version"], shiv_root=root, python=python)
+    assert done.returncode == 2
+    assert "lacks async-timeout==" in done.stderr
+    assert "(import async_timeout)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1
+    # 3.11.7 needs no async_timeout, so the same extraction still starts there.
+    done = run_artifact(artifact.path, ["--version"], shiv_root=root)
+    assert done.returncode == 0, done.stderr
+
+
+def test_selfcheck_names_a_module_that_does_not_load(artifact: Artifact, tmp_path: Path) -> None:
+    root = tmp_path / "shiv-root"
+    done = run_artifact(artifact.path, ["selfcheck"], shiv_root=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("selfcheck: ok (")
+    site = next(root.glob("stagerd_*/site-packages"))
+    (site / "stagerd" / "metrics.py").write_text("import no_such_module_here\n")
+    done = run_artifact(artifact.path, ["selfcheck"], shiv_root=root)
+    assert done.returncode == 1
+    assert "stagerd.metrics does not load: ModuleNotFoundError" in done.stderr
+    assert "no_such_module_here" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_shiv_sh_prepares_its_own_build_environment_on_a_fresh_clone(tmp_path: Path) -> None:
+    """No project venv yet (a fresh clone): shiv.sh must not fall back to a system Python
+    without shiv; it makes build/work/buildenv (here under --work) and builds."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"BUILD_PYTHON", "VIRTUAL_ENV", "PYTHONPATH"}
+    }
+    env["STAGERD_VENV"] = str(tmp_path / "no-venv-here")
+    env["STAGERD_WHEELHOUSE"] = str(ROOT / "build" / "work" / "wheels")
+    env["PATH"] = "/usr/bin:/bin"  # the system python3, which has no shiv
+    out = tmp_path / "dist" / "stagerd"
+    done = subprocess.run(
+        ["bash", str(ROOT / "build" / "shiv.sh"), "-o", str(out), "--work", str(tmp_path / "w"),
+         "--python-version", RUNNING],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "preparing the build environment" in done.stderr
+    assert (tmp_path / "w" / "buildenv" / "bin" / "python").is_file()
+    assert out.is_file()
+    assert (tmp_path / "dist" / "stagerd.sha256").read_text().split()[0] == sha256_of(out)

@@ -44,6 +44,7 @@ key="$( {
 } | sha256sum | cut -c1-16)"
 out="$cache/$suite-$key"
 if [ -f "$out/.complete" ]; then
+    touch "$out/.complete"  # last use: pruning below keeps images used within a day
     log "$suite: cached image $out"
     echo "$out"
     exit 0
@@ -85,9 +86,11 @@ mv "$tmp/rootfs.raw" "$tmp/vmlinuz" "$tmp/initrd.img" "$tmp/mmdebstrap.log" "$ou
 rm -rf "$out"
 mv "$out.new" "$out"
 touch "$out/.complete"
-# Older images of this suite are dead weight once their inputs changed.
+# Images of this suite from other inputs: dead weight once unused for a day (a run still
+# going may have one open as the backing file of its overlays, and reboots reopen it).
 for old in "$cache/$suite"-*; do
-    [ "$old" = "$out" ] || rm -rf "$old"
+    [ "$old" = "$out" ] && continue
+    if [ -z "$(find "$old/.complete" -mmin -1440 2>/dev/null)" ]; then rm -rf "$old"; fi
 done
 log "$suite: built $out in $((SECONDS - started)) s"
 echo "$out"

@@ -423,22 +423,20 @@ def run_playbook(playbook: str, guests: Iterable[Guest], run_dir: Path, tag: str
     logfile = run_dir / f"ansible-{tag}.log"
     log(f"ansible-playbook {playbook} ({tag}) on {', '.join(hosts)}; log {logfile}")
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(argv, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True,
-                              timeout=timeout, check=False)  # fmt: skip
-        output = proc.stdout + proc.stderr
-        rc = proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        output = (
-            (exc.stdout or b"").decode(errors="replace")
-            if isinstance(exc.stdout, bytes)
-            else str(exc.stdout or "")
-        )
-        logfile.write_text(output)
-        raise VMTestError(f"ansible-playbook {playbook} ({tag}) did not finish within {timeout:.0f} s; "
-                          f"log {logfile}:\n{output[-4000:]}") from exc  # fmt: skip
+    # Streamed to the log file as it runs (tail -f it to watch a slow play).
+    with logfile.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            output = logfile.read_text(errors="replace")
+            raise VMTestError(f"ansible-playbook {playbook} ({tag}) did not finish within "
+                              f"{timeout:.0f} s (or was interrupted); log {logfile}:\n{output[-4000:]}") from None  # fmt: skip
     took = time.monotonic() - t0
-    logfile.write_text(output)
+    output = logfile.read_text(errors="replace")
     recap = {
         m["host"]: {k: int(v) for k, v in m.groupdict().items() if k != "host"}
         for m in RECAP.finditer(output)

@@ -61,14 +61,22 @@ def _selected():  # type: ignore[no-untyped-def]
 
 def _build_artifact(python: str) -> Path:
     out = ROOT / "build" / "work" / "vm" / f"stagerd-py{python}"
+    args = [str(ROOT / "build" / "shiv.sh"), "--python-version", python,
+            "--interpreter", "/usr/bin/python3"]  # fmt: skip
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [str(ROOT / "build" / "shiv.sh"), "--python-version", python,
-         "--interpreter", "/usr/bin/python3", "-o", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
+    # The same inputs make the same bytes: rebuild only when the build id changed.
+    build_id = subprocess.run([*args, "--print-build-id"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=900, check=False).stdout.strip()  # fmt: skip
+    stamp = out.with_name(out.name + ".build-id")
+    if build_id and out.exists() and stamp.exists() and stamp.read_text() == build_id:
+        log(f"artifact for Python {python}: {out} (build {build_id}, unchanged)")
+        return out
+    proc = subprocess.run([*args, "-o", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, check=False)  # fmt: skip
     if proc.returncode != 0:
         pytest.fail(f"build/shiv.sh --python-version {python} failed:\n{proc.stderr[-3000:]}")
+    if build_id:
+        stamp.write_text(build_id)
     log(f"artifact for Python {python}: {out} ({time.monotonic() - t0:.0f} s)")
     return out
 

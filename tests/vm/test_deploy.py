@@ -56,7 +56,7 @@ def wait_state(g: Guest, batch_id: str, state: str, timeout: float) -> dict[str,
 def assert_done_once(g: Guest, batch_id: str) -> dict[str, Any]:
     """done, with one result per file and no item twice; nothing left queued, in flight or
     dead-lettered; scratch empty."""
-    row = wait_state(g, batch_id, "done", 300)
+    row = wait_state(g, batch_id, "done", 600)
     items = [r["item"] for r in row["results"]]
     assert len(items) == FILES and len(set(items)) == FILES, (g.name, items)
     status = g.stagerd_json("status --json")
@@ -70,7 +70,7 @@ def assert_done_once(g: Guest, batch_id: str) -> dict[str, Any]:
 
 def wait_processing(g: Guest, batch_id: str) -> None:
     """Mid-batch: the ledger says processing and the worker reports the phase."""
-    wait_state(g, batch_id, "processing", 300)
+    wait_state(g, batch_id, "processing", 600)
 
     def phase() -> bool:
         status = g.stagerd_json("status --json")
@@ -81,7 +81,7 @@ def wait_processing(g: Guest, batch_id: str) -> None:
     g.ssh("pgrep -f vmtest/processor >/dev/null")
 
 
-def wait_worker_ready(g: Guest, timeout: float = 300) -> dict[str, str]:
+def wait_worker_ready(g: Guest, timeout: float = 600) -> dict[str, str]:
     return wait_for(
         f"{g.name}: stagerd-gpu active (READY=1) with a status text",
         lambda: (u := g.unit("stagerd-gpu", "ActiveState", "SubState", "StatusText", "MainPID",

@@ -149,6 +149,13 @@ class Guest:
         pub = base64.b64encode(self.ssh_key.with_suffix(".pub").read_bytes().strip()).decode()
         cmdline = (
             "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0 panic=-1 "
+            # TCG: the kernel finds the TSCs "unsynchronized" and falls back to the HPET, an
+            # emulated MMIO read under QEMU's big lock on every clock_gettime; and with
+            # -cpu max it turns on PTI, a full softmmu TLB flush per syscall. A throw-away
+            # test guest needs neither.
+            "clocksource=tsc tsc=reliable mitigations=off "
+            # On a loaded 2-core host a TCG boot can take minutes: no unit may time out.
+            "systemd.default_timeout_start_sec=600 "
             f"systemd.hostname={self.name} vmtest.sshkey={pub}"
         )
         drives = []
@@ -184,7 +191,7 @@ class Guest:
             start_new_session=True,
         )  # fmt: skip
 
-    def boot(self, timeout: float = 420) -> float:
+    def boot(self, timeout: float = 900) -> float:
         """Power on and wait for SSH and ``systemctl is-system-running`` = running."""
         t0 = time.monotonic()
         self.start()

@@ -140,7 +140,11 @@ def test_missing_file_raises_oserror(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "why"),
-    [(tarfile.SYMTYPE, "symbolic link"), (tarfile.LNKTYPE, "hard link"), (tarfile.FIFOTYPE, "fifo")],
+    [
+        (tarfile.SYMTYPE, "symbolic link"),
+        (tarfile.LNKTYPE, "hard link"),
+        (tarfile.FIFOTYPE, "fifo"),
+    ],
 )
 def test_members_extraction_refuses_are_refused_before_upload(
     tmp_path: Path, kind: bytes, why: str

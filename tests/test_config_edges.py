@@ -54,9 +54,7 @@ def test_malformed_connection_urls_are_one_line_config_errors(
     _one_line_error(result, variable)
 
 
-def test_env_file_that_is_a_fifo_is_refused_without_hanging(
-    run_cli: Any, tmp_path: Path
-) -> None:
+def test_env_file_that_is_a_fifo_is_refused_without_hanging(run_cli: Any, tmp_path: Path) -> None:
     fifo = tmp_path / "stagerd.env"
     os.mkfifo(fifo)
     result = run_cli(["--env-file", str(fifo), "config"], timeout=60)
@@ -95,7 +93,7 @@ SYSTEMD_CASES = [
     ("A='single \"kept\" $HOME'", 'single "kept" $HOME'),
     ('A=foo"bar"', 'foo"bar"'),  # quotes after the first character are kept
     ("A=it's", "it's"),
-    ('A="a" \'b\' c', "abc"),  # pieces are joined, whitespace between them dropped
+    ("A=\"a\" 'b' c", "abc"),  # pieces are joined, whitespace between them dropped
     ('A="x\\"y\\\\z\\n"', 'x"y\\z\\n'),  # \" and \\ unescaped, \n kept as two characters
     ("A=a\\\nb", "ab"),  # backslash-newline continues an unquoted value
     ("A=x\\ ", "x "),  # an escaped trailing space is kept

@@ -227,7 +227,8 @@ class BatchSteps:
         if batch_id is None:
             return None
         died = self._redis(
-            lambda: trail.take_died(self.queue.client, self.queue.keys, batch_id), "queue trail"
+            lambda: trail.take_died(self.queue.client, self.queue.keys, batch_id, d.attempt),
+            "queue trail",
         )
         if died is not None:
             reason = f"{died.describe()} (the process was killed or crashed)"

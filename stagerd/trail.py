@@ -49,14 +49,17 @@ def clear(client: redis.Redis, keys: QueueKeys, batch_id: str) -> None:
     client.hdel(trail_key(keys), batch_id)
 
 
-def take_died(client: redis.Redis, keys: QueueKeys, batch_id: str) -> Died | None:
-    """The unfinished previous attempt of *batch_id*, if any (read and cleared)."""
+def take_died(client: redis.Redis, keys: QueueKeys, batch_id: str, attempt: int) -> Died | None:
+    """The unfinished attempt just before *attempt* of *batch_id*, if any (read and
+    cleared). An entry for any other attempt is stale (left by a job that orphan recovery
+    dead-lettered, then was enqueued again) and is only cleared."""
     raw = cast(Any, client.hget(trail_key(keys), batch_id))
     if raw is None:
         return None
     client.hdel(trail_key(keys), batch_id)
     try:
         data = json.loads(raw)
-        return Died(str(data["phase"]), int(data["attempt"]), str(data["worker"]))
+        died = Died(str(data["phase"]), int(data["attempt"]), str(data["worker"]))
     except (ValueError, KeyError, TypeError):
-        return Died("an unknown phase", 0, "?")  # our own entry, damaged: still say it died
+        return None  # damaged: claiming a death we cannot describe would mislead
+    return died if died.attempt == attempt - 1 else None

@@ -148,9 +148,9 @@ def test_scratch_root_vanishing_mid_run_pauses_the_worker_and_loses_nothing(
         hidden = scratch_dir.with_name("scratch.unmounted")
         scratch_dir.rename(hidden)  # what an unmounted volume looks like to the worker
         put_batch(s3_client, redis_client, s3_bucket, queue_name, "survives", make_tar(files=1))
-        wait_for(lambda: _failures(database_url, "survives") == []
-                 and redis_client.hget(QueueKeys(queue_name).attempts, "survives") is not None,
-                 120, "the worker to take the job")  # fmt: skip
+        # Taken, failed on the missing root, handed back with its attempt refunded (0).
+        wait_for(lambda: redis_client.hget(QueueKeys(queue_name).attempts, "survives") == b"0"
+                 and redis_client.llen(queue_name) == 1, 120, "the job handed back")  # fmt: skip
         hidden.rename(scratch_dir)  # the volume is back
         wait_for(lambda: (r := _batch(database_url, "survives")) and r.state == "done", 180,
                  "the batch to be done after the pause")  # fmt: skip

@@ -221,7 +221,8 @@ class Watcher:
         error_file = failed / error_file_name(path.name)
         # The .error file first: a crash in between leaves an explained file, not a
         # silently vanished one.
-        error_file.write_text(f"{exc}\nfile: {path.name!r}\nfailed_at: {stamp}\n")
+        text = f"{exc}\nfile: {path.name!r}\nfailed_at: {stamp}\n"
+        error_file.write_text(text, errors="backslashreplace")  # names may not be UTF-8
         try:
             os.replace(path, failed / path.name)
         except OSError as move:

@@ -63,6 +63,8 @@ def test_watcher_keeps_going_past_every_kind_of_bad_file(
     (inbox / "link.tar").symlink_to(outside)
     os.mkfifo(inbox / "pipe.tar")
     (inbox / "notutf8name.tar").write_bytes(HOSTILE["name-not-utf8"].data)
+    not_utf8 = os.fsdecode(b"bad-\xff.tar")  # a file name that is not UTF-8
+    (inbox / not_utf8).write_bytes(good_tar())
     (inbox / "good.tar").write_bytes(good_tar())
     args = [sys.executable, "-m", "stagerd", "--log-json", "transfer", "watch", str(inbox),
             "--interval", "0.1"]  # fmt: skip
@@ -74,13 +76,14 @@ def test_watcher_keeps_going_past_every_kind_of_bad_file(
         wait_for((inbox / "done" / "good.tar").exists, 120, "good.tar done")
         wait_for((failed / long_name).exists, 120, "the long name failed")
         wait_for((failed / "notutf8name.tar").exists, 120, "the hostile tar failed")
+        wait_for((failed / not_utf8).exists, 120, "the non-UTF-8 name failed")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "internal error" not in err
     errors = sorted(p.name for p in failed.iterdir() if p.name.endswith(".error"))
-    assert len(errors) == 2 and all(len(os.fsencode(n)) <= 255 for n in errors), errors
+    assert len(errors) == 3 and all(len(os.fsencode(n)) <= 255 for n in errors), errors
     long_error = next(n for n in errors if n.startswith("bbbb"))
     text = (failed / long_error).read_text()
     assert long_name in text and "batch id" in text

@@ -29,8 +29,10 @@ from stagerd.errors import ArchiveRejected
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 MAX_MEMBER_BYTES = 1 << 44  # 16 TiB: far above any batch, far below absurd
-_OCTAL = frozenset(b"01234567")
-_DECIMAL = frozenset(b"0123456789")
+# bytes.translate(None, digits) is empty exactly when every byte is a digit; it runs in C,
+# which keeps the check cheap on 10k-member archives (the upload check's hot path).
+_OCTAL = b"01234567"
+_DECIMAL = b"0123456789"
 _MAX_DECIMAL_DIGITS = 20
 _MAX_EXTENDED_IN_A_ROW = 8
 REGULAR = frozenset(b"0\x007")  # regular, old-style regular, contiguous
@@ -152,7 +154,8 @@ class MemberWalker:
         if is_dir and size:
             raise ArchiveRejected(f"directory member {show(raw_name)} carries data")
         name = _text(raw_name)
-        return Member(name, safe_parts(name, is_dir, self._limits), is_dir, size, at)
+        parts = safe_parts(name, is_dir, self._limits, len(raw_name))
+        return Member(name, parts, is_dir, size, at)
 
 
 def _decode(block: bytes, at: int) -> tuple[int, bytes, int]:
@@ -183,7 +186,7 @@ def parse_octal(field: bytes) -> int | None:
     digits = field.split(b"\0", 1)[0].strip(b" ")
     if not digits:
         return 0
-    if not set(digits) <= _OCTAL:
+    if digits.translate(None, _OCTAL):
         return None
     return int(digits, 8)
 
@@ -215,7 +218,7 @@ def parse_pax(data: bytes, at: int) -> dict[bytes, bytes]:
     while pos < len(data) and data[pos] != 0:
         space = data.find(b" ", pos, pos + 8)  # a record of at most 1 MiB has <= 7 digits
         digits = data[pos:space] if space > pos else b""
-        if not digits or not set(digits) <= _DECIMAL:
+        if not digits or digits.translate(None, _DECIMAL):
             raise ArchiveRejected(f"malformed pax header at byte {at}")
         end = pos + int(digits)
         if end <= space + 2 or end > len(data) or data[end - 1] != 0x0A:
@@ -233,7 +236,7 @@ def parse_pax(data: bytes, at: int) -> dict[bytes, bytes]:
 def pax_size(value: bytes, at: int) -> int:
     """A pax ``size`` value: plain ASCII decimal, bounded (``int()`` alone takes Unicode
     digits, underscores and signs, and raises on thousands of digits)."""
-    if not value or len(value) > _MAX_DECIMAL_DIGITS or not set(value) <= _DECIMAL:
+    if not value or len(value) > _MAX_DECIMAL_DIGITS or value.translate(None, _DECIMAL):
         raise ArchiveRejected(f"malformed pax size at byte {at}: {show(value)}")
     return _bounded(int(value), at)
 
@@ -245,15 +248,18 @@ def _text(raw: bytes) -> str:
         raise ArchiveRejected(f"member name {show(raw)} is not valid UTF-8") from None
 
 
-def safe_parts(name: str, is_dir: bool, limits: HeaderLimits) -> tuple[str, ...]:
-    """*name* as components that cannot leave the destination directory."""
+def safe_parts(
+    name: str, is_dir: bool, limits: HeaderLimits, nbytes: int | None = None
+) -> tuple[str, ...]:
+    """*name* (*nbytes* long in UTF-8, when the caller knows) as components that cannot
+    leave the destination directory."""
     if "\0" in name:
         raise ArchiveRejected(f"member {show(name)} has a NUL byte in its name")
     if name.startswith("/"):
         raise ArchiveRejected(f"member {show(name)} has an absolute path")
-    if len(name.encode("utf-8")) > limits.max_path_bytes:
+    if (len(name.encode("utf-8")) if nbytes is None else nbytes) > limits.max_path_bytes:
         raise ArchiveRejected(f"member {show(name)} has a name over {limits.max_path_bytes} bytes")
-    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    parts = tuple([part for part in name.split("/") if part and part != "."])
     if ".." in parts:
         raise ArchiveRejected(f"member {show(name)} has a '..' component")
     if len(parts) > limits.max_depth:

@@ -93,8 +93,41 @@ def check_s3(settings: Settings) -> list[Check]:
         ]
     checks = [Check("s3.bucket", True, f"bucket {s3.bucket!r} reachable at {s3.endpoint}")]
     checks.append(_multipart_round_trip(client, s3.bucket, s3.endpoint))
+    checks.append(_part_limit(client, s3.bucket, s3.endpoint, settings.max_parts))
     checks.append(_checksum_mode(settings, s3.bucket))
     return checks
+
+
+def _part_limit(client: S3Client, bucket: str, endpoint: str, max_parts: int) -> Check:
+    """Does the server take part number STAGERD_MAX_PARTS? (Swift allows 1000 by default,
+    S3 10000; a refusal mid-upload wastes the parts before it.) A tiny part is enough:
+    part sizes are only checked at Complete, which the probe never sends."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.s3 import describe_client_error
+    from stagerd.s3hints import part_limit, server_message
+
+    key = f"stagerd-doctor/{uuid.uuid4().hex}"
+    upload_id = None
+    try:
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=max_parts, Body=b"x"
+        )
+    except (ClientError, BotoCoreError) as exc:
+        limit = part_limit(server_message(exc)[2])
+        fix = f"set STAGERD_MAX_PARTS={limit}" if limit else "lower STAGERD_MAX_PARTS"
+        return Check(
+            "s3.parts",
+            False,
+            f"part number {max_parts} refused: {describe_client_error(exc, bucket, endpoint)}",
+            fix,
+        )
+    finally:
+        if upload_id:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    return Check("s3.parts", True, f"part number {max_parts} accepted (STAGERD_MAX_PARTS)")
 
 
 def _multipart_round_trip(client: S3Client, bucket: str, endpoint: str) -> Check:

@@ -6,10 +6,18 @@ one is processed (prefetch, :mod:`stagerd.prefetch`). Every failure ends in exac
 queue transition, decided here:
 
 - shutdown (``stop`` / ``kill`` set): back to the HEAD of pending, the attempt refunded;
+- the worker itself cannot work (scratch root gone, a service not answering: asked of
+  :class:`~stagerd.health.WorkerHealth` after the failure): back to the head, the attempt
+  refunded, and the worker pauses until it recovers;
 - permanent error (poison payload, corrupt archive, over budget): dead-letter at once;
 - transient error: :meth:`ReliableQueue.retry_or_dead` (dead after STAGERD_MAX_ATTEMPTS);
-- an unexpected exception propagates: the job stays in this worker's processing list and
-  the restarted worker takes it back.
+- any other exception inside a batch's steps is that batch's: it is dead-lettered with the
+  exception's type and first line, and the worker goes on. Only the queue edge itself
+  (Redis gone for longer than SERVICE_POLICY rides out) still ends the process.
+
+A worker killed outright (SIGKILL, OOM) leaves its phase in the trail
+(:mod:`stagerd.trail`); the next pickup of that job reports the attempt that died and its
+phase, and dead-letters with that reason once STAGERD_MAX_ATTEMPTS is reached.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stagerd.errors import ResultsRejected, ScratchUnavailable, StagerdError
+from stagerd import trail
+from stagerd.errors import ScratchUnavailable, StagerdError
+from stagerd.health import WorkerHealth, brief
 from stagerd.log import get_logger
 from stagerd.retry import RetryPolicy, is_transient
 from stagerd.shutdown import ShutdownGuard
@@ -79,14 +89,9 @@ class Staged:
     result: StageResult
 
 
-def _handled(exc: BaseException) -> bool:
-    """Errors a batch may end with; anything else is a bug and ends the process."""
+def _expected(exc: BaseException) -> bool:
+    """Errors stagerd raises on purpose; anything else is unexpected but still the batch's."""
     return isinstance(exc, StagerdError) or is_transient(exc)
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class BatchSteps:
@@ -103,6 +108,8 @@ class BatchSteps:
         s3: Any,
         metrics: Metrics | None = None,
         guard: ShutdownGuard | None = None,
+        health: WorkerHealth | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         # The worker's: once it is stopping, service calls are bounded (stagerd.shutdown).
@@ -113,6 +120,9 @@ class BatchSteps:
         self.scratch = scratch
         self.s3 = s3
         self.metrics = metrics
+        self.health = health
+        # The worker's stop: ends a pause even when the caller only passed ``kill``.
+        self.stop = stop or threading.Event()
 
     # --- queue edge ---------------------------------------------------------------
 
@@ -127,6 +137,26 @@ class BatchSteps:
 
     def set_phase(self, d: Delivery, phase: str) -> None:
         self._redis(lambda: self.queue.set_phase(d, phase), "queue set_phase")
+        if d.batch_id is not None:
+            batch_id = d.batch_id
+            self._redis(
+                lambda: trail.mark(
+                    self.queue.client, self.queue.keys, batch_id, phase, d.attempt,
+                    self.config.worker_id,
+                ),
+                "queue trail",
+            )  # fmt: skip
+
+    def _clear_trail(self, d: Delivery) -> None:
+        if d.batch_id is not None:
+            batch_id = d.batch_id
+            self._redis(
+                lambda: trail.clear(self.queue.client, self.queue.keys, batch_id), "queue trail"
+            )
+
+    def ack(self, d: Delivery) -> None:
+        self._clear_trail(d)
+        self._redis(lambda: self.queue.ack(d), "queue ack")
 
     # --- staging half -------------------------------------------------------------
 
@@ -140,29 +170,17 @@ class BatchSteps:
         if job is None:
             return None
         self.set_phase(d, "staging")
-        if not self.ledger.begin(
-            job.batch_id, job.s3_key, worker=self.config.worker_id, sha256=job.sha256
-        ):
-            log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
-            self._redis(lambda: self.queue.ack(d), "queue ack")
-            return None
         reservation: Reservation | None = None
         try:
+            if not self.ledger.begin(
+                job.batch_id, job.s3_key, worker=self.config.worker_id, sha256=job.sha256
+            ):
+                log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
+                self.ack(d)
+                return None
             head = self._head(job, stop)
             reservation = self._reserve(job, head.size, stop, may_wait)
             result = self._stage_into(job, reservation, head, stop)
-        except Exception as exc:
-            if not _handled(exc):
-                raise
-            keep = False
-            try:
-                keep = self._end_failed(d, exc, "staging", stop)
-            finally:
-                # Also when ending the job failed (a stopping worker left it for recovery).
-                if reservation is not None:
-                    reservation.release(remove=not keep)
-            return None
-        try:
             self.ledger.mark_processing(
                 job.batch_id,
                 archive_bytes=result.archive_bytes,
@@ -171,9 +189,16 @@ class BatchSteps:
                 sha256=result.sha256,
                 stage_seconds=result.seconds,
             )
-        except BaseException:
-            reservation.release()
-            raise
+        except Exception as exc:
+            log.debug("batch %s: staging raised", d.batch_id, exc_info=True)
+            keep = False
+            try:
+                keep = self._end_failed(d, exc, "staging", stop)
+            finally:
+                # Also when ending the job failed (a stopping worker left it for recovery).
+                if reservation is not None:
+                    reservation.release(remove=not keep)
+            return None
         return Staged(d, job, reservation, result)
 
     def _validate(self, d: Delivery) -> Job | None:
@@ -183,14 +208,33 @@ class BatchSteps:
             self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
             self._record(None, reason, "dead", d, "validate")
             return None
+        died = self._previous_died(d)
         max_attempts = self.settings.max_attempts
         if d.attempt > max_attempts:
-            # Only a worker that died mid-job leaves an attempt unfinished: stop the loop.
-            reason = f"attempt {d.attempt} exceeds STAGERD_MAX_ATTEMPTS={max_attempts}"
+            # Only a worker that died mid-job leaves an attempt unfinished: stop the loop,
+            # saying where the previous attempts died when the trail knows.
+            cause = died.describe() if died else "the previous attempt never finished"
+            reason = f"{cause}; STAGERD_MAX_ATTEMPTS={max_attempts} attempts used up"
+            log.error("batch %s dead: %s", d.batch_id, reason, extra=_ctx(d))
             self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
-            self._record(d.job.batch_id, reason, "dead", d, "validate")
+            self._record(d.job.batch_id, reason, "dead", d, died.phase if died else "validate")
             return None
         return d.job
+
+    def _previous_died(self, d: Delivery) -> trail.Died | None:
+        """Report (log + stagerd_failures) an earlier attempt of *d* that never ended."""
+        batch_id = d.batch_id
+        if batch_id is None:
+            return None
+        died = self._redis(
+            lambda: trail.take_died(self.queue.client, self.queue.keys, batch_id, d.attempt),
+            "queue trail",
+        )
+        if died is not None:
+            reason = f"{died.describe()} (the process was killed or crashed)"
+            log.warning("batch %s: %s", batch_id, reason, extra=_ctx(d))
+            self._record(batch_id, reason, "died", d, died.phase, attempt=died.attempt)
+        return died
 
     def _head(self, job: Job, stop: threading.Event) -> ArchiveHead:
         """Size and ETag of the archive: the reservation's size and the staging's pin."""
@@ -257,8 +301,9 @@ class BatchSteps:
 
         d, path = staged.delivery, staged.reservation.path
         keep = False
+        phase = "processing"
         try:
-            self.set_phase(d, "processing")
+            self.set_phase(d, phase)
             request = ProcessRequest(
                 batch_id=staged.job.batch_id,
                 batch_dir=path,
@@ -270,14 +315,11 @@ class BatchSteps:
             )
             try:
                 outcome = processor.run(request, timeout=self.config.process_timeout, stop=kill)
-            except Exception as exc:
-                if not _handled(exc):
-                    raise
-                keep = self._end_failed(d, exc, "processing", kill)
-                return
-            self.set_phase(d, "committing")
-            committing = time.monotonic()
-            try:
+                phase = "committing"
+                self.set_phase(d, phase)
+                committing = time.monotonic()
+                # Invalid or over-limit results (ours or PostgreSQL's verdict) raise
+                # ResultsRejected, a permanent error: the batch ends on this attempt.
                 written = self.ledger.commit_results(
                     staged.job.batch_id,
                     outcome.results,
@@ -285,12 +327,11 @@ class BatchSteps:
                     worker=self.config.worker_id,
                     unique=True,
                 )
-            except ResultsRejected as exc:
-                # Invalid or over-limit results (ours or PostgreSQL's verdict): the same
-                # file fails every attempt, so the batch ends now.
-                keep = self._end_failed(d, exc, "committing", kill)
+            except Exception as exc:
+                log.debug("batch %s: %s raised", d.batch_id, phase, exc_info=True)
+                keep = self._end_failed(d, exc, phase, kill)
                 return
-            self._redis(lambda: self.queue.ack(d), "queue ack")
+            self.ack(d)
             self._observe(
                 "done",
                 archive_bytes=staged.result.archive_bytes,
@@ -313,20 +354,39 @@ class BatchSteps:
     def requeue(self, d: Delivery, reason: str) -> None:
         """Shutdown/prefetch hand-back: to the head of pending, attempt not counted."""
         # Handing a job back is not a failed attempt; keep STAGERD_MAX_ATTEMPTS honest.
+        # Trail first: once the job is back in pending another worker may pick it up, and
+        # must not read our orderly hand-back as a death.
+        self._clear_trail(d)
         self._redis(lambda: self.queue.requeue(d, front=True, refund=True), "queue requeue")
         if d.batch_id is not None:
-            self.ledger.mark_requeued(d.batch_id, reason)
+            try:
+                self.ledger.mark_requeued(d.batch_id, reason)
+            except StagerdError as exc:  # the hand-back happened; the ledger may be down
+                log.warning("could not mark %s requeued: %s", d.batch_id, brief(exc))
         log.info("requeued %s at the head: %s", d.batch_id, reason, extra=_ctx(d))
 
     def _end_failed(
         self, d: Delivery, exc: BaseException, phase: str, interrupted: threading.Event
     ) -> bool:
         """Carry out the ending of a failed job; True if its scratch dir should be kept."""
-        if interrupted.is_set():
+        if interrupted.is_set() or self.stop.is_set():
             self.requeue(d, f"worker shutting down during {phase}")
             return False
-        reason = f"{phase} failed: {_brief(exc)}"
+        problem = self.health.problem() if self.health is not None else None
+        if problem is not None:
+            # Not this batch's fault: hand it back unharmed and wait for the worker to heal.
+            self.requeue(d, f"worker cannot work ({problem}); {phase} abandoned")
+            assert self.health is not None
+            self.health.pause(problem, self.stop)
+            return False
+        if _expected(exc):
+            reason = f"{phase} failed: {brief(exc)}"
+        else:
+            # A bug met this batch's data: end the batch, keep the worker, keep the trace.
+            reason = f"{phase} failed unexpectedly: {brief(exc)}"
+            log.error("batch %s: %s", d.batch_id, reason, exc_info=exc, extra=_ctx(d))
         permanent = not is_transient(exc)
+        self._clear_trail(d)  # before the transition, as in requeue()
         outcome = self._redis(
             lambda: self.queue.retry_or_dead(d, reason, permanent=permanent), "queue retry"
         )
@@ -350,20 +410,33 @@ class BatchSteps:
             log.warning("cannot write metrics to %s: %s", self.metrics.path, exc)
 
     def _record(
-        self, batch_id: str | None, reason: str, outcome: str, d: Delivery, phase: str
+        self,
+        batch_id: str | None,
+        reason: str,
+        outcome: str,
+        d: Delivery,
+        phase: str,
+        attempt: int | None = None,
     ) -> None:
-        # The queue transition already happened; a ledger outage must not undo it.
+        # The queue transition already happened; a ledger outage (or a row PostgreSQL
+        # refuses) must not undo it nor end the worker.
         try:
             self.ledger.record_failure(
                 batch_id,
                 reason,
                 outcome=outcome,
-                attempt=d.attempt,
+                attempt=d.attempt if attempt is None else attempt,
                 worker=self.config.worker_id,
                 phase=phase,
             )
-        except StagerdError as exc:
-            log.error("could not record the failure of %s: %s", batch_id, exc, extra=_ctx(d))
+        except Exception as exc:
+            log.error(
+                "could not record the failure of %s: %s",
+                batch_id,
+                brief(exc),
+                exc_info=not isinstance(exc, StagerdError),
+                extra=_ctx(d),
+            )
 
 
 def _ctx(d: Delivery) -> dict[str, Any]:

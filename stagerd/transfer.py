@@ -11,6 +11,7 @@ nothing half-done is ever enqueued.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -176,14 +177,16 @@ def upload_archive(local_path: Path, batch_id: str) -> str:
 
 
 def _check_readable(path: Path) -> None:
+    """Refuse anything but a readable regular file, without blocking on it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO would otherwise hang the open until some writer appears.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise PermanentError(f"{path}: no such file") from None
     except OSError as exc:
         raise PermanentError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise PermanentError(f"{path}: not a regular file")
     finally:
         os.close(fd)

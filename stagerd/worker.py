@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stagerd.errors import ConfigError
 from stagerd.log import get_logger
@@ -30,6 +30,7 @@ from stagerd.shutdown import LeftForRecovery, ShutdownGuard
 
 if TYPE_CHECKING:
     from stagerd.config import Settings
+    from stagerd.health import WorkerHealth
     from stagerd.queue import ReliableQueue
 
 log = get_logger(__name__)
@@ -62,7 +63,7 @@ def run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> No
     service stays unreachable, and re-raises an unexpected error of a slot after shutdown."""
     _check(options)
     guard = ShutdownGuard(stop)
-    steps, queue = _connect(settings, options, guard)
+    steps, queue = _connect(settings, options, guard, stop)
     worker_id = queue.worker_id
     kill = threading.Event()
     heartbeat = Heartbeat(queue, settings.database_url, stop)
@@ -118,10 +119,13 @@ def _check(options: WorkerOptions) -> None:
 
 
 def _connect(
-    settings: Settings, options: WorkerOptions, guard: ShutdownGuard
+    settings: Settings, options: WorkerOptions, guard: ShutdownGuard, stop: threading.Event
 ) -> tuple[BatchSteps, ReliableQueue]:
-    """Every IO edge, connected: migrate, register in Redis, open scratch and S3."""
+    """Every IO edge, connected: migrate, register in Redis, open scratch and S3.
+
+    Refuses to start (before any job is taken) when the scratch root is missing."""
     from stagerd.db import Ledger, migrate
+    from stagerd.health import check_scratch_root
     from stagerd.metrics import Metrics
     from stagerd.queue import ReliableQueue
     from stagerd.s3 import get_s3_client
@@ -131,6 +135,7 @@ def _connect(
     database_url = settings.require_database()
     if not (options.processor or settings.processor):
         raise ConfigError("STAGERD_PROCESSOR: not set (or pass --processor CMD)")
+    check_scratch_root(settings.scratch_dir)
     migrate(database_url)
     queue = ReliableQueue.from_settings(settings, options.worker_id)
     taken = SERVICE_POLICY.call(queue.register, what="queue register")
@@ -145,17 +150,42 @@ def _connect(
         reserve_timeout=options.reserve_timeout,
         stage_policy=options.stage_policy,
     )
+    client = get_s3_client(settings)
     steps = BatchSteps(
         settings,
         config,
         queue=queue,
         ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}", guard=guard),
         scratch=ScratchManager.from_settings(settings),
-        s3=get_s3_client(settings),
+        s3=client,
         metrics=Metrics(settings.metrics_file, "gpu"),
         guard=guard,
+        health=worker_health(settings, queue, client, s3.bucket),
+        stop=stop,
     )
     return steps, queue
+
+
+def worker_health(settings: Settings, queue: ReliableQueue, s3: Any, bucket: str) -> WorkerHealth:
+    """The probes that tell a worker-scoped failure from a batch's own (see health)."""
+    from stagerd.health import WorkerHealth, check_scratch_root
+    from stagerd.pg import connect
+    from stagerd.retry import RetryPolicy
+
+    once = RetryPolicy(attempts=1)
+
+    def postgres() -> None:
+        with connect(settings.require_database(), policy=once) as conn:
+            conn.execute("SELECT 1")
+
+    return WorkerHealth(
+        probes=(
+            ("scratch", lambda: check_scratch_root(settings.scratch_dir)),
+            ("Redis", queue.client.ping),
+            ("PostgreSQL", postgres),
+            ("S3", lambda: s3.head_bucket(Bucket=bucket)),
+        )
+    )
 
 
 def _start_slots(

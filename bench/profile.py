@@ -1,8 +1,10 @@
 """``--profile``: what bounds stagerd, by measurement (py-spy), saved beside the results.
 
 After a scenario's measured rounds, one extra stagerd run goes under
-``py-spy record --format raw --subprocesses`` (PyPI ``py-spy``, a dev dependency); that run is
-never one of the samples, since the sampler costs CPU. From py-spy's collapsed stacks this
+``py-spy record --format raw`` (PyPI ``py-spy``, a dev dependency); that run is never one of
+the samples, since the sampler costs CPU. Each profiled command is one Python process
+(``transfer upload``, ``bench.stage_runner``); add ``--subprocesses`` through
+``$BENCH_PYSPY_ARGS`` for a command that forks Python children. From py-spy's collapsed stacks this
 module writes, into ``<results-dir>/profiles/``:
 
 - ``<scenario>.svg``: a flame graph (width = share of samples; hover for the frame),
@@ -54,7 +56,7 @@ def wrap(cmd: Command, spy: Spy | None) -> Command:
     exe = pyspy()
     if exe is None:
         raise RuntimeError("py-spy not found (pip install py-spy)")
-    argv = [exe, "record", "--format", "raw", "--rate", str(RATE), "--subprocesses"]
+    argv = [exe, "record", "--format", "raw", "--rate", str(RATE)]
     argv += ["--output", str(spy.raw), *shlex.split(os.environ.get("BENCH_PYSPY_ARGS", ""))]
     return Command([*argv, "--", *cmd.argv], cmd.env)
 

@@ -121,14 +121,16 @@ def test_scale_targets_compare_seconds_per_gib_and_rss_across_sizes() -> None:
     r.contenders = [
         at("stagerd", small, 1.0, 100),
         at("peer", small, 1.0, 50),
-        at("stagerd", large, 4.8, 105),  # 1.2x the seconds per GiB: not linear
-        at("peer", large, 4.0, 50),
+        at("stagerd", large, 1.2 * large / small, 105),  # 1.2x the seconds per GiB: not linear
+        at("peer", large, 1.0 * large / small, 50),
     ]
     scale._finish(r, archives, "peer")  # type: ignore[arg-type]
     checks = {c.label: c for c in r.checks}
-    assert not checks["stagerd seconds per GiB at 32 MiB / at 8 MiB"].passed
-    assert checks["stagerd peak RSS at 32 MiB / at 8 MiB"].passed
-    assert r.ratios["stagerd @ 32 MiB/peer @ 32 MiB"] == pytest.approx(1.2)
+    lo, hi = scale.label(small), scale.label(large)
+    assert not checks[f"stagerd seconds per GiB at {hi} / at {lo}"].passed
+    assert checks[f"stagerd peak RSS at {hi} / at {lo}"].passed
+    assert r.ratios[f"stagerd @ {hi}/peer @ {hi}"] == pytest.approx(1.2)
+    assert scale.label(2 * 1024**3 - 16 * 1024**2) == "2 GiB"  # rounded down to whole members
 
 
 def test_profile_turns_collapsed_stacks_into_a_flame_graph_and_top_list(tmp_path: Path) -> None:

@@ -20,10 +20,12 @@ def _archive(ctx: BenchContext) -> data.Archive:
 def run_upload(ctx: BenchContext) -> ScenarioResult:
     archive = _archive(ctx)
     title = f"Upload an archive of {archive.members:,} small files"
-    return measure_upload(ctx, "upload_small", title, archive, limit=1.2)
+    return measure_upload(ctx, "upload_small", title, archive, limit=1.2, trim_quick=True)
 
 
 def run_stage(ctx: BenchContext) -> ScenarioResult:
     archive = _archive(ctx)
     title = f"Stage an archive of {archive.members:,} small files"
-    return measure_stage(ctx, "stage_small", title, archive, limit=1.2, floor_limit=None)
+    return measure_stage(
+        ctx, "stage_small", title, archive, limit=1.2, floor_limit=None, trim_quick=True
+    )

@@ -27,6 +27,7 @@ from bench.measure import Sample, tree_bytes
 from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
 from bench.peers import Command
 from bench.scenarios.common import clear, dir_stats, last_json, run_command, with_extra
+from bench.scenarios.upload import QUICK_SKIP
 
 NAME = "stage"
 
@@ -46,6 +47,7 @@ def measure_stage(
     archive: Archive,
     limit: float = 1.0,
     floor_limit: float | None = 1.25,
+    trim_quick: bool = False,
 ) -> ScenarioResult:
     result = ScenarioResult(
         name,
@@ -88,6 +90,10 @@ def measure_stage(
         if why := peers.obstore_missing():
             del pipes["obstore get | tar -x"]
             result.notes.append(f"obstore not measured: {why}")
+        elif ctx.quick and trim_quick:
+            for skipped in QUICK_SKIP:
+                pipes.pop(skipped, None)
+            result.notes.append("obstore not measured: --quick runs it in upload and stage only")
         for peer, (build, role) in pipes.items():
             contenders.append(Contender(peer, _peer(ctx, build, archive), role=role))
         result.contenders = interleave(contenders, ctx.rounds)

@@ -79,7 +79,23 @@ def maybe_profile(ctx: Any, name: str, run_once: Callable[[Spy], object]) -> str
     svg, top = out / f"{name}.svg", out / f"{name}-top.txt"
     svg.write_text(flamegraph_svg(stacks, f"stagerd, scenario {name}"))
     top.write_text(top_functions(stacks))
-    return f"profile (py-spy, one extra run): {svg}, {top}"
+    total = sum(stacks.values())
+    own: Counter[str] = Counter()
+    for stack, count in stacks.items():
+        own[stack[-1]] += count
+    hot = "; ".join(f"{c / total:.0%} `{frame}`" for frame, c in own.most_common(5))
+    where = ", ".join(_shown(x) for x in (svg, top))
+    return f"profile (py-spy, one extra run; {where}): top self samples: {hot}"
+
+
+def _shown(path: Path) -> str:
+    """*path* relative to the checkout when it is inside it (the report is committed)."""
+    from bench.context import ROOT
+
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def read_collapsed(path: Path) -> Counter[tuple[str, ...]]:

@@ -11,7 +11,7 @@ interleaved for several rounds, prints one PASS/FAIL line per target and writes
 with its PNG plots. ``--quick`` uses small sizes (the test suite runs it); the full run takes
 ~45 minutes on two cores and must not be run beside other heavy work. ``--scale`` runs the
 scale set instead (upload, resume and stage at 2 and 8 GiB: seconds per GiB and peak RSS at
-each; ~40 minutes, ~30 GiB of free disk). ``--s3 swift`` runs against the Swift all-in-one
+each; ~30 minutes, ~30 GiB of free disk). ``--s3 swift`` runs against the Swift all-in-one
 (``build/swift.sh start current``) instead of SeaweedFS. ``--profile`` adds one py-spy run of
 stagerd per scenario and saves a flame graph and its top functions (bench/profile.py).
 """

@@ -31,7 +31,7 @@ SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
     "prefetch_1to1": prefetch.run_1to1,
 }
 
-# ``python -m bench.run --scale``: opt-in, ~40 minutes and ~30 GiB of disk (bench/scenarios/scale.py).
+# ``python -m bench.run --scale``: opt-in, ~30 minutes and ~30 GiB of disk (bench/scenarios/scale.py).
 SCALE_SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
     "scale_upload": scale.run_upload,
     "scale_resume": scale.run_resume,

@@ -90,6 +90,9 @@ class BenchContext:
     database_url: str
     work: Path  # bench/work: generated data (kept between runs) and per-run scratch
     python: str = sys.executable
+    server_pids: tuple[int, ...] = ()  # the S3 server's processes (their CPU is reported)
+    profile_dir: Path | None = None  # --profile: py-spy one extra stagerd run per scenario
+    scale: bool = False  # --scale: the scale set (bench/scenarios/scale.py)
 
     @property
     def data_dir(self) -> Path:

@@ -11,6 +11,7 @@ from bench.scenarios import (
     prefetch,
     results,
     resume,
+    scale,
     smallfiles,
     stage,
     startup,
@@ -30,4 +31,11 @@ SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
     "prefetch_1to3": prefetch.run_1to3,
     "prefetch_1to1": prefetch.run_1to1,
     "results_1m": results.run,
+}
+
+# ``python -m bench.run --scale``: opt-in, ~30 minutes and ~30 GiB of disk (bench/scenarios/scale.py).
+SCALE_SCENARIOS: dict[str, Callable[[BenchContext], ScenarioResult]] = {
+    "scale_upload": scale.run_upload,
+    "scale_resume": scale.run_resume,
+    "scale_stage": scale.run_stage,
 }

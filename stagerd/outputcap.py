@@ -3,7 +3,7 @@
 A processor that prints 100 MiB must not become 100 MiB of journal. Per batch, lines are
 logged as they come while both hold: the batch has logged less than ``head_bytes`` and the
 token bucket (``rate`` lines/s, bursts of ``burst``) has a token. Every other line is
-dropped, but the last ``tail_bytes`` of them are kept and logged when the batch's output
+dropped, but the last ``tail_bytes`` of each stream are kept and logged when the batch's output
 ends, followed by one line counting what was dropped. The output is always read in full
 (so the processor never blocks on a full pipe); only logging is bounded.
 """
@@ -52,8 +52,9 @@ class OutputCap:
             self.dropped_bytes = 0
             self._tokens = float(self._burst)
             self._refilled = self._clock()
-            self._tail: deque[tuple[str, str]] = deque()
-            self._tail_bytes = 0
+            # One tail per stream: a flood on stdout must not push out stderr's last words.
+            self._tails: dict[str, deque[str]] = {}
+            self._tail_bytes: dict[str, int] = {}
 
     def line(self, stream: str, text: str) -> None:
         """Log *text* (one line of *stream*) now, or keep it for the tail."""
@@ -70,7 +71,8 @@ class OutputCap:
     def finish(self) -> None:
         """Log the kept tail and the count of dropped output; the budget stays spent."""
         with self._lock:
-            tail, self._tail, self._tail_bytes = list(self._tail), deque(), 0
+            tail = [(stream, text) for stream, kept in self._tails.items() for text in kept]
+            self._tails, self._tail_bytes = {}, {}
             batch_id, lines, nbytes = self.batch_id, self.dropped_lines, self.dropped_bytes
         if not lines:
             return
@@ -97,11 +99,11 @@ class OutputCap:
         self.dropped_lines += 1
         self.dropped_bytes += size
         text = text[-self._tail_cap :]
-        self._tail.append((stream, text))
-        self._tail_bytes += len(text) + 1
-        while self._tail_bytes > self._tail_cap and len(self._tail) > 1:
-            _, old = self._tail.popleft()
-            self._tail_bytes -= len(old) + 1
+        kept = self._tails.setdefault(stream, deque())
+        kept.append(text)
+        self._tail_bytes[stream] = self._tail_bytes.get(stream, 0) + len(text) + 1
+        while self._tail_bytes[stream] > self._tail_cap and len(kept) > 1:
+            self._tail_bytes[stream] -= len(kept.popleft()) + 1
 
 
 def _emit(stream: str, batch_id: str, text: str) -> None:

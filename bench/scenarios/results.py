@@ -5,7 +5,9 @@ What it shows: the rows are streamed from the results file into one COPY inside 
 transaction (stagerd/results.py, Ledger.commit_results), so the worker's peak RSS does not
 grow with the results (target: under 200 MB; before issue 18 a 300,000-row file took the
 worker to 334 MB). The clock runs from the worker's start to its exit, commit included.
-No peer: the point is a memory bound, not a speed ratio.
+The peer is the obvious way (the seed's flow, and stagerd before issue 18): run the same
+processor, read the whole results file into a list, ``executemany`` it into a table; its
+peak RSS grows with the rows. It runs one round only: its result is known by design.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def run(ctx: BenchContext) -> ScenarioResult:
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(PROCESSOR)
     with ctx.bucket("results") as bucket:
-        contender = Contender("stagerd gpu (streamed commit)", _stagerd(ctx, bucket, script), True)
-        result.contenders = interleave([contender], ctx.rounds)
+        contenders = [
+            Contender("stagerd gpu (streamed commit)", _stagerd(ctx, bucket, script), True),
+            Contender("naive (list + executemany)", _naive(ctx, script), max_rounds=1),
+        ]
+        result.contenders = interleave(contenders, ctx.rounds)
+    result.add_ratios("peak_rss")
     if result.contenders[0].ok:
         result.add_rss_check()
         committed = min(result.contenders[0].metric("committed"))
@@ -77,6 +83,31 @@ def _stagerd(ctx: BenchContext, bucket: str, script: Path) -> Callable[[int], Sa
         return with_extra(
             sample, committed=committed, rows_per_s=committed / max(sample.seconds, 1e-9)
         )
+
+    return once
+
+
+NAIVE = """import json, os, subprocess, sys
+import psycopg
+env = {**os.environ, "STAGERD_RESULTS": sys.argv[2]}
+subprocess.run([sys.executable, sys.argv[1]], env=env, check=True)
+rows = [json.loads(line) for line in open(sys.argv[2])]
+rows = [(r["item"], json.dumps(r)) for r in rows if "item" in r]
+with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+    conn.execute("CREATE TABLE IF NOT EXISTS naive_results (item text, result jsonb)")
+    conn.execute("TRUNCATE naive_results")
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO naive_results VALUES (%s, %s)", rows)
+"""
+
+
+def _naive(ctx: BenchContext, script: Path) -> Callable[[int], Sample]:
+    def once(round_no: int) -> Sample:
+        work = ctx.fresh_dir(f"results-naive-{round_no}")
+        env = {**ctx.stagerd_env("unused", work), "BENCH_ROWS": str(ctx.sizes.result_rows)}
+        argv = [ctx.python, "-c", NAIVE, str(script), str(work / "results.jsonl")]
+        sample, _ = run_command(Command(argv, env), timeout=3600)
+        return sample
 
     return once
 

@@ -70,7 +70,7 @@ log "guests: ${STAGERD_VMTEST_DISTROS:-debian12,debian13}, parallel=${STAGERD_VM
 # -p no:cacheprovider: nothing written into the clone; -n 0: one process owns the guests.
 set +e
 "$STAGERD_VENV/bin/python" -m pytest tests/vm -m vm -n 0 -p no:cacheprovider \
-    -o timeout=2400 -s -ra "$@"
+    -o timeout=5400 -s -ra "$@"
 rc=$?
 set -e
 exit "$rc"

@@ -160,13 +160,13 @@ def fleet(run_dir: Path) -> Iterator[Fleet]:
 def deployed(fleet: Fleet) -> Fleet:
     """gpu.yml applied twice to every guest: the first run must succeed, the second is
     checked by the test (changed=0)."""
-    first = run_playbook("gpu.yml", fleet.guests, fleet.run_dir, "gpu-1", timeout=1200)
+    first = run_playbook("gpu.yml", fleet.guests, fleet.run_dir, "gpu-1", timeout=2700)
     fleet.plays["first"] = first
     fleet.timings["gpu.yml first run"] = first.seconds
     if first.returncode != 0:
         pytest.fail(f"gpu.yml (first run) failed, rc {first.returncode}; log {first.log}:\n"
                     f"{first.output[-5000:]}")  # fmt: skip
-    second = run_playbook("gpu.yml", fleet.guests, fleet.run_dir, "gpu-2", timeout=900)
+    second = run_playbook("gpu.yml", fleet.guests, fleet.run_dir, "gpu-2", timeout=1800)
     fleet.plays["second"] = second
     fleet.timings["gpu.yml second run"] = second.seconds
     return fleet

@@ -21,7 +21,7 @@ import pytest
 from tests.vm.conftest import Fleet
 from tests.vm.vmlib import SCRATCH, STAGERD, Guest, VMTestError, log, run_playbook, wait_for
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(5400)]
 
 FILES = 12
 DELAY_FILE = "/run/vmtest-processor-delay"

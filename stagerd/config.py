@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import socket
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from stagerd.dsn import database_url, redis_url, url_passwords
+from stagerd.envfile import read_env_file
 from stagerd.errors import ConfigError
 from stagerd.units import parse_duration, parse_size
+
+__all__ = ["REDACTED", "S3Settings", "Settings", "read_env_file", "redact_url", "url_passwords"]
 
 DEFAULT_ENV_FILE = Path("/etc/stagerd/stagerd.env")
 MiB = 1024**2
@@ -197,166 +199,6 @@ def _redact_conninfo(dsn: str) -> str:
     return " ".join(words)
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """Read *path* exactly as systemd's ``EnvironmentFile=`` does (the units load the same
-    file, so stagerd run by hand must see what the service sees); see
-    :func:`parse_env_text` for the rules. Refuses anything but a regular file of at most
-    ``MAX_ENV_FILE_BYTES`` (a FIFO would hang, ``/dev/zero`` would never end). Raises
-    ConfigError."""
-    return parse_env_text(_read_env_bytes(path), str(path))
-
-
-MAX_ENV_FILE_BYTES = 1024 * 1024
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _read_env_bytes(path: Path) -> str:
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"env file {path}: cannot read ({exc.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"env file {path}: not a regular file")
-        data = os.read(fd, MAX_ENV_FILE_BYTES + 1)
-        while len(data) <= MAX_ENV_FILE_BYTES and (more := os.read(fd, 65536)):
-            data += more
-    except OSError as exc:
-        raise ConfigError(f"env file {path}: cannot read ({exc.strerror})") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_ENV_FILE_BYTES:
-        raise ConfigError(f"env file {path}: larger than {MAX_ENV_FILE_BYTES} bytes")
-    if b"\0" in data:
-        raise ConfigError(f"env file {path}: contains a NUL byte")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"env file {path}: not UTF-8 text") from None
-
-
-def parse_env_text(text: str, name: str = "env file") -> dict[str, str]:
-    """systemd's ``EnvironmentFile=`` syntax (systemd.exec(5), v254+):
-
-    * ``#`` or ``;`` first on a line starts a comment; blank lines are skipped;
-    * ``KEY=VALUE``; whitespace around the key and around an unquoted value is dropped,
-      interior whitespace kept; in an unquoted value ``\\x`` is ``x`` and a trailing
-      ``\\`` continues the line; quotes *inside* an unquoted value are kept verbatim;
-    * ``'...'`` is verbatim (may span lines); ``"..."`` unescapes ``\\"``, ``\\\\``,
-      ``\\$`` and ``\\```, drops backslash-newline and keeps any other backslash;
-      quoted and unquoted pieces next to each other are joined;
-    * the last assignment of a key wins.
-
-    Stricter than systemd in one way: what systemd would silently drop (a line with no
-    ``=``, a name such as ``export FOO``) is a ConfigError naming the line, because a
-    setting that silently does not apply is worse than a refusal.
-    """
-    values: dict[str, str] = {}
-    for lineno, key, value in _EnvScanner(text).assignments():
-        if value is None:
-            raise ConfigError(f"{name}, line {lineno}: expected KEY=VALUE")
-        if not _ENV_NAME.fullmatch(key):
-            raise ConfigError(
-                f"{name}, line {lineno}: {key[:40]!r} is not a variable name "
-                "(systemd ignores such lines; write KEY=VALUE, without 'export')"
-            )
-        values[key] = value
-    return values
-
-
-class _EnvScanner:
-    """The character-level state machine behind :func:`parse_env_text`."""
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self._pos = 0
-        self.line = 1
-
-    def _next(self) -> str | None:
-        if self._pos >= len(self._text):
-            return None
-        c = self._text[self._pos]
-        self._pos += 1
-        if c == "\n":
-            self.line += 1
-        return c
-
-    def assignments(self) -> list[tuple[int, str, str | None]]:
-        out: list[tuple[int, str, str | None]] = []
-        while (c := self._next()) is not None:
-            if c in " \t\r\n":
-                continue
-            if c in "#;":
-                self._comment()
-                continue
-            start = self.line
-            key, has_value = self._key(c)
-            out.append((start, key, self._value() if has_value else None))
-        return out
-
-    def _comment(self) -> None:
-        while (c := self._next()) is not None and c not in "\r\n":
-            if c == "\\" and self._next() in (None, "\r", "\n"):
-                return  # v254+: a comment ending in a backslash does not continue
-        return
-
-    def _key(self, first: str) -> tuple[str, bool]:
-        chars = [first]
-        while (c := self._next()) is not None and c not in "\r\n":
-            if c == "=":
-                return "".join(chars).rstrip(" \t"), True
-            chars.append(c)
-        return "".join(chars).rstrip(" \t"), False
-
-    def _value(self) -> str:
-        out: list[str] = []
-        keep = 0  # length of out without its unquoted trailing whitespace
-        unquoted = False
-        while (c := self._next()) is not None and c not in "\r\n":
-            if c == "'" and not unquoted:
-                out.extend(self._until("'"))
-                keep = len(out)
-            elif c == '"' and not unquoted:
-                out.extend(self._double_quoted())
-                keep = len(out)
-            elif c == "\\":
-                escaped = self._next()
-                unquoted = True
-                if escaped is not None and escaped not in "\r\n":
-                    out.append(escaped)
-                keep = len(out)
-            elif c in " \t" and not unquoted:
-                continue  # leading whitespace (before or between quoted pieces)
-            else:
-                unquoted = True
-                out.append(c)
-                if c not in " \t":
-                    keep = len(out)
-        return "".join(out[:keep])
-
-    def _until(self, quote: str) -> list[str]:
-        chars: list[str] = []
-        while (c := self._next()) is not None and c != quote:
-            chars.append(c)
-        return chars
-
-    def _double_quoted(self) -> list[str]:
-        chars: list[str] = []
-        while (c := self._next()) is not None and c != '"':
-            if c != "\\":
-                chars.append(c)
-                continue
-            escaped = self._next()
-            if escaped is None:
-                break
-            if escaped in '"\\`$':
-                chars.append(escaped)
-            elif escaped != "\n":
-                chars.extend(("\\", escaped))
-        return chars
-
-
 def _pick_env_file(env: Mapping[str, str], explicit: Path | None) -> Path | None:
     if explicit is not None:
         return explicit
@@ -420,80 +262,6 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     return check
 
 
-def _database_url(text: str) -> str:
-    """libpq's own parser decides, here and not at connect time, so a malformed value is a
-    one-line configuration error. Its message quotes the value (a password, say), so it
-    is never passed on: these errors name the problem, not the text."""
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    if "://" in text:
-        _url(("postgresql", "postgres"))(text)
-    elif "=" not in text:
-        raise ValueError("must be a libpq URL (postgresql://...) or key=value string")
-    try:
-        params = conninfo_to_dict(text)
-    except psycopg.Error:
-        raise ValueError(
-            "does not parse as a libpq connection string (in a URL, percent-encode spaces "
-            "and special characters of the password, e.g. %20 for a space)"
-        ) from None
-    for port in str(params.get("port") or "").split(","):
-        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError("port must be a number between 1 and 65535")
-    return text
-
-
-def _redis_url(text: str) -> str:
-    """Checked with redis-py's own parser now, not at the first connection."""
-    from redis import connection
-
-    # redis-py leaves it unannotated; it returns the client's keyword arguments.
-    parse_url = cast(Callable[[str], dict[str, object]], connection.parse_url)
-    _url(("redis", "rediss", "unix"))(text)
-    try:
-        port = urlsplit(text).port
-        parse_url(text)
-    except ValueError:
-        raise ValueError(
-            "does not parse: check its port, database number and query options"
-        ) from None
-    if port == 0:
-        raise ValueError("port must be a number between 1 and 65535")
-    database = urlsplit(text).path.strip("/")
-    if (
-        not text.startswith("unix:")
-        and database
-        and not (database.isascii() and database.isdigit())
-    ):
-        # redis-py silently uses database 0 for a path it cannot read as a number.
-        raise ValueError("the path must be a database number (redis://host:6379/0)")
-    return text
-
-
-def url_passwords(url: str | None) -> list[str]:
-    """The password(s) in a connection URL or libpq string, as written and as decoded,
-    for the log redaction filter. Never raises."""
-    from urllib.parse import unquote
-
-    if not url:
-        return []
-    if "://" in url:
-        try:
-            raw = urlsplit(url).password
-        except ValueError:
-            return []
-        return [raw, unquote(raw)] if raw else []
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        password = conninfo_to_dict(url).get("password")
-    except psycopg.Error:
-        return []
-    return [str(password)] if password else []
-
-
 def _choice(*allowed: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         if text not in allowed:
@@ -521,8 +289,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_S3_MAX_ATTEMPTS", "s3_max_attempts", _bounded_int(1, 50)),
     _Spec("STAGERD_S3_CONNECT_TIMEOUT", "s3_connect_timeout", _positive(parse_duration)),
     _Spec("STAGERD_S3_READ_TIMEOUT", "s3_read_timeout", _positive(parse_duration)),
-    _Spec("REDIS_URL", "redis_url", _redis_url, url_secret=True),
-    _Spec("DATABASE_URL", "database_url", _database_url, url_secret=True),
+    _Spec("REDIS_URL", "redis_url", redis_url, url_secret=True),
+    _Spec("DATABASE_URL", "database_url", database_url, url_secret=True),
     _Spec("STAGERD_SCRATCH_DIR", "scratch_dir", lambda text: Path(_nonempty(text))),
     _Spec("STAGERD_SCRATCH_BUDGET", "scratch_budget", _positive(parse_size)),
     _Spec("STAGERD_SCRATCH_HEADROOM", "scratch_headroom", parse_size),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, cast
 
-from stagerd.errors import InvalidJob, ServiceUnavailable
+from stagerd.errors import ConfigError, InvalidJob, ServiceUnavailable
 from stagerd.job import Job
 from stagerd.keys import QueueKeys
 from stagerd.log import get_logger
@@ -109,14 +109,18 @@ def connect(url: str, *, retries: int = 6) -> redis.Redis:
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    return redis_lib.Redis.from_url(
-        url,
-        socket_timeout=30,
-        socket_connect_timeout=5,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
-        retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError],
-    )
+    try:
+        return redis_lib.Redis.from_url(
+            url,
+            socket_timeout=30,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+            retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError],
+        )
+    except ValueError:
+        # redis-py's message may quote the URL; the variable's name is enough to act on.
+        raise ConfigError("REDIS_URL: redis-py cannot parse it") from None
 
 
 def utc_now() -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stagerd.config import parse_env_text
+from stagerd.envfile import parse_env_text
 
 SECRET = "s3cr3t-Passw0rd"
 

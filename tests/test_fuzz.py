@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stagerd.config import parse_env_text
+from stagerd.envfile import parse_env_text
 from stagerd.errors import ArchiveRejected, ConfigError, InvalidJob, StagerdError
 from stagerd.extract import extract_tar
 from stagerd.fetch import FileSource

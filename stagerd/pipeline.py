@@ -9,7 +9,10 @@ queue transition, decided here:
 - permanent error (poison payload, corrupt archive, over budget): dead-letter at once;
 - transient error: :meth:`ReliableQueue.retry_or_dead` (dead after STAGERD_MAX_ATTEMPTS);
 - an unexpected exception propagates: the job stays in this worker's processing list and
-  the restarted worker takes it back.
+  the restarted worker takes it back;
+- lease lost (:mod:`stagerd.lease`): the batch is abandoned at once: processor stopped,
+  scratch released, nothing committed, no queue or ledger transition (it is another
+  worker's now).
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stagerd.errors import ScratchUnavailable, StagerdError
+from stagerd.errors import LeaseLost, ScratchUnavailable, StagerdError
+from stagerd.lease import Fence, LeaseBook
 from stagerd.log import get_logger
 from stagerd.retry import RetryPolicy, is_transient
 
 if TYPE_CHECKING:
     from stagerd.config import Settings
-    from stagerd.db import Ledger
+    from stagerd.db import BatchRow, Ledger
     from stagerd.job import Job
     from stagerd.metrics import Metrics
     from stagerd.processor import Processor
@@ -76,6 +81,7 @@ class Staged:
     job: Job
     reservation: Reservation
     result: StageResult
+    fence: Fence
 
 
 def _handled(exc: BaseException) -> bool:
@@ -109,6 +115,7 @@ class BatchSteps:
         self.scratch = scratch
         self.s3 = s3
         self.metrics = metrics
+        self.leases = LeaseBook()
 
     # --- queue edge ---------------------------------------------------------------
 
@@ -128,27 +135,28 @@ class BatchSteps:
         self, d: Delivery, stop: threading.Event, may_wait: Callable[[], bool]
     ) -> Staged | None:
         """Validate, record and stage *d*. None when the job ended here (skipped, failed,
-        requeued on shutdown). *may_wait*: whether waiting for budget can end by itself
-        (another batch of this worker will release its reservation)."""
+        requeued on shutdown, lease lost). *may_wait*: whether waiting for budget can end
+        by itself (another batch of this worker will release its reservation)."""
         job = self._validate(d)
         if job is None:
             return None
         self.set_phase(d, "staging")
-        if not self.ledger.begin(
-            job.batch_id, job.s3_key, worker=self.config.worker_id, sha256=job.sha256
-        ):
-            log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
-            self._redis(lambda: self.queue.ack(d), "queue ack")
+        claimed = self._claim(d, job)
+        if claimed is None:
             return None
+        d = claimed
+        fence = Fence(stop)
+        self.leases.hold(d, fence)
         reservation: Reservation | None = None
         try:
-            head = self._head(job, stop)
-            reservation = self._reserve(job, head.size, stop, may_wait)
-            result = self._stage_into(job, reservation, head, stop)
+            head = self._head(job, fence)
+            reservation = self._reserve(job, head.size, fence, may_wait)
+            result = self._stage_into(job, reservation, head, fence)
         except Exception as exc:
+            self.leases.drop(fence)
             if not _handled(exc):
                 raise
-            keep = self._end_failed(d, exc, "staging", stop)
+            keep = self._end_failed(d, exc, "staging", fence)
             if reservation is not None:
                 reservation.release(remove=not keep)
             return None
@@ -159,8 +167,62 @@ class BatchSteps:
             file_count=result.file_count,
             sha256=result.sha256,
             stage_seconds=result.seconds,
+            lease=d.lease or None,
         )
-        return Staged(d, job, reservation, result)
+        return Staged(d, job, reservation, result, fence)
+
+    def _claim(self, d: Delivery, job: Job) -> Delivery | None:
+        """Claim the batch in the ledger with *d*'s lease token: the delivery to go on
+        with (its token may be renewed), or None when the job ended here."""
+        for renewed in (False, True):
+            try:
+                if self._begin(d, job):
+                    return d
+                self._already_done(d, job)
+                return None
+            except LeaseLost as exc:
+                # Still in our processing list: nobody recovered it, so a refused token
+                # means Redis lost its epoch counter (restart without persistence). Raise
+                # the epoch past the ledger's and claim again, once.
+                if renewed or not self._redis(partial(self.queue.holds, d), "queue holds"):
+                    self._abandon(d, str(exc))
+                    return None
+                renew = partial(self.queue.new_lease, d, self.ledger.max_lease())
+                d = self._redis(renew, "queue lease")
+        return None
+
+    def _begin(self, d: Delivery, job: Job) -> bool:
+        return self.ledger.begin(
+            job.batch_id,
+            job.s3_key,
+            worker=self.config.worker_id,
+            sha256=job.sha256,
+            lease=d.lease or None,
+            size=job.size,
+        )
+
+    def _already_done(self, d: Delivery, job: Job) -> None:
+        """The batch is done: ack, unless this job names a different archive (the batch id
+        was reused), which is dead-lettered with the reason instead."""
+        row = self.ledger.batch(job.batch_id)
+        differs = _differs(job, row.sha256 if row else None, _done_size(row))
+        if differs:
+            reason = f"batch id reused: {differs}; the done batch keeps its results"
+            log.error("dead-lettering %s: %s", job.batch_id, reason, extra=_ctx(d))
+            self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
+            self._record(job.batch_id, reason, "dead", d, "validate")
+            return
+        log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
+        self._redis(lambda: self.queue.ack(d), "queue ack")
+
+    def _abandon(self, d: Delivery, why: str) -> None:
+        """Lease lost: the batch is another worker's now; do nothing more with it."""
+        log.error(
+            "abandoning batch %s: %s (nothing committed, no queue transition)",
+            d.batch_id,
+            why,
+            extra={**_ctx(d), "lease": d.lease, "event": "lease_abandoned"},
+        )
 
     def _validate(self, d: Delivery) -> Job | None:
         if d.job is None:
@@ -241,6 +303,9 @@ class BatchSteps:
         from stagerd.processor import ProcessRequest
 
         d, path = staged.delivery, staged.reservation.path
+        fence = staged.fence
+        # From here on the worker's *kill* (drain timeout), not its stop, ends the work.
+        fence.parent = kill
         keep = False
         try:
             self.set_phase(d, "processing")
@@ -251,20 +316,28 @@ class BatchSteps:
                 results_path=path / "results.jsonl",
             )
             try:
-                outcome = processor.run(request, timeout=self.config.process_timeout, stop=kill)
+                outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
             except Exception as exc:
                 if not _handled(exc):
                     raise
-                keep = self._end_failed(d, exc, "processing", kill)
+                keep = self._end_failed(d, exc, "processing", fence)
+                return
+            if fence.lost:
+                self._abandon(d, "lease lost while processing")
                 return
             self.set_phase(d, "committing")
             committing = time.monotonic()
-            written = self.ledger.commit_results(
-                staged.job.batch_id,
-                outcome.results,
-                process_seconds=outcome.seconds,
-                worker=self.config.worker_id,
-            )
+            try:
+                written = self.ledger.commit_results(
+                    staged.job.batch_id,
+                    outcome.results,
+                    process_seconds=outcome.seconds,
+                    worker=self.config.worker_id,
+                    lease=d.lease or None,
+                )
+            except LeaseLost as exc:
+                self._abandon(d, str(exc))
+                return
             self._redis(lambda: self.queue.ack(d), "queue ack")
             self._observe(
                 "done",
@@ -281,6 +354,7 @@ class BatchSteps:
                 extra={**_ctx(d), "process_seconds": round(outcome.seconds, 3)},
             )
         finally:
+            self.leases.drop(fence)
             staged.reservation.release(remove=not keep)
 
     # --- endings ------------------------------------------------------------------
@@ -290,13 +364,16 @@ class BatchSteps:
         # Handing a job back is not a failed attempt; keep STAGERD_MAX_ATTEMPTS honest.
         self._redis(lambda: self.queue.requeue(d, front=True, refund=True), "queue requeue")
         if d.batch_id is not None:
-            self.ledger.mark_requeued(d.batch_id, reason)
+            self.ledger.mark_requeued(d.batch_id, reason, lease=d.lease or None)
         log.info("requeued %s at the head: %s", d.batch_id, reason, extra=_ctx(d))
 
     def _end_failed(
         self, d: Delivery, exc: BaseException, phase: str, interrupted: threading.Event
     ) -> bool:
         """Carry out the ending of a failed job; True if its scratch dir should be kept."""
+        if (isinstance(interrupted, Fence) and interrupted.lost) or isinstance(exc, LeaseLost):
+            self._abandon(d, f"lease lost during {phase}")
+            return False
         if interrupted.is_set():
             self.requeue(d, f"worker shutting down during {phase}")
             return False
@@ -336,9 +413,25 @@ class BatchSteps:
                 attempt=d.attempt,
                 worker=self.config.worker_id,
                 phase=phase,
+                lease=d.lease or None,
             )
         except StagerdError as exc:
             log.error("could not record the failure of %s: %s", batch_id, exc, extra=_ctx(d))
+
+
+def _done_size(row: BatchRow | None) -> int | None:
+    if row is None:
+        return None
+    return row.archive_size if row.archive_size is not None else row.archive_bytes
+
+
+def _differs(job: Job, sha256: str | None, size: int | None) -> str | None:
+    """How *job*'s archive differs from the recorded one, or None (same, or unknown)."""
+    if job.size is not None and size is not None and job.size != size:
+        return f"the job's archive is {job.size} bytes, the batch's was {size}"
+    if job.sha256 and sha256 and job.sha256 != sha256:
+        return f"the job's SHA-256 {job.sha256[:12]}... differs from the batch's {sha256[:12]}..."
+    return None
 
 
 def _ctx(d: Delivery) -> dict[str, Any]:

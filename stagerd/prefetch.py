@@ -155,6 +155,7 @@ class Slot:
             try:
                 self._steps.requeue(staged.delivery, "worker shutting down (prefetched)")
             finally:
+                self._steps.leases.drop(staged.fence)
                 staged.reservation.release()
                 self._in_flight.add(-1)
                 self._tokens.release()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stagerd.errors import ConfigError
+from stagerd.lease import LeaseBook
 from stagerd.log import get_logger
 from stagerd.pipeline import SERVICE_POLICY, BatchSteps, StepConfig
 from stagerd.prefetch import InFlight, Slot
@@ -63,7 +64,7 @@ def run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> No
     steps, queue = _connect(settings, options)
     worker_id = queue.worker_id
     kill = threading.Event()
-    heartbeat = Heartbeat(queue, settings.database_url, stop)
+    heartbeat = Heartbeat(queue, settings.database_url, stop, steps.leases)
     heartbeat.start()
     slots = _start_slots(steps, settings, options, stop, kill)
     log.info(
@@ -201,15 +202,23 @@ def _supervise(
 
 
 class Heartbeat:
-    """Keeps this worker's heartbeat fresh (every TTL/3) and, every TTL, recovers the
-    in-flight jobs of workers whose heartbeat expired (any live worker may do it)."""
+    """Keeps this worker's heartbeat fresh and its registration asserted (every TTL/3)
+    and, every TTL, recovers the in-flight jobs of workers whose heartbeat expired (any
+    live worker may do it). A beat that finds the registration gone (this worker was
+    recovered while it stalled) fences every batch recovery took away (:mod:`stagerd.lease`)."""
 
     def __init__(
-        self, queue: ReliableQueue, database_url: str | None, stop: threading.Event
+        self,
+        queue: ReliableQueue,
+        database_url: str | None,
+        stop: threading.Event,
+        leases: LeaseBook | None = None,
     ) -> None:
         self._queue = queue
         self._database_url = database_url
         self._stop = stop
+        self._leases = leases or LeaseBook()
+        self._twin_reported: str | None = None
         self.errors: list[BaseException] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
@@ -226,7 +235,7 @@ class Heartbeat:
         beats = 0
         while not self._done.wait(0 if beats == 0 else interval):
             try:
-                self._queue.heartbeat()
+                self._beat()
                 if beats % 3 == 0:
                     self._recover()
             except Exception as exc:
@@ -238,6 +247,29 @@ class Heartbeat:
                     return
                 log.warning("heartbeat failed (will retry): %s", exc)
             beats += 1
+
+    def _beat(self) -> None:
+        beat = self._queue.heartbeat()
+        worker = self._queue.worker_id
+        if beat.twin and beat.twin != self._twin_reported:
+            # Our key held another process's token: a second process runs with our id
+            # (on another host: the local lock refuses twins on this one).
+            self._twin_reported = beat.twin
+            log.error(
+                "worker id %s is also used by another process (registration token %s): "
+                "give each process its own STAGERD_WORKER_ID",
+                worker,
+                beat.twin,
+                extra={"worker": worker, "event": "duplicate_worker_id"},
+            )
+        if beat.lost:
+            log.warning(
+                "worker %s was not registered (recovered while stalled, or Redis lost its "
+                "data): registered again",
+                worker,
+                extra={"worker": worker, "event": "registration_lost"},
+            )
+            self._leases.check(self._queue)
 
     def _recover(self) -> None:
         from stagerd.db import requeue_stale_batches

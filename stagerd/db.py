@@ -202,7 +202,13 @@ class Ledger:
                 updated_at = now()
             WHERE batch_id = %s AND state <> 'done' AND {_FENCE}"""
         params = (
-            archive_bytes, extracted_bytes, file_count, sha256, stage_seconds, batch_id, lease,
+            archive_bytes,
+            extracted_bytes,
+            file_count,
+            sha256,
+            stage_seconds,
+            batch_id,
+            lease,
             lease,
         )
         self._run("ledger processing", lambda c: c.execute(sql, params))

@@ -429,9 +429,7 @@ def processing_owners(client: redis.Redis, keys: QueueKeys) -> list[str]:
     """Worker ids that have a processing list (found by SCAN, whatever the workers set says)."""
     prefix = keys.processing("")
     pattern = _glob_escape(prefix) + "*"
-    owners = {
-        raw.decode()[len(prefix) :] for raw in client.scan_iter(match=pattern, count=1000)
-    }
+    owners = {raw.decode()[len(prefix) :] for raw in client.scan_iter(match=pattern, count=1000)}
     return sorted(o for o in owners if o)
 
 

@@ -92,9 +92,7 @@ def test_recovery_finds_a_processing_list_outside_the_workers_set(
     assert redis_client.llen(keys.processing("w-gone")) == 0
 
 
-def test_lease_book_fences_only_batches_recovery_took(
-    redis_client: Any, queue_name: str
-) -> None:
+def test_lease_book_fences_only_batches_recovery_took(redis_client: Any, queue_name: str) -> None:
     import threading
 
     keys = QueueKeys(queue_name)

@@ -167,6 +167,29 @@ class Ledger:
             )
         return False
 
+    def reopen(self, batch_id: str, *, sha256: str, size: int | None) -> bool:
+        """A done batch whose archive was replaced (``transfer upload --force``): delete its
+        results and set it back to ``queued`` with the new digest, in one transaction.
+        False (nothing changed) unless it is done with a different digest, so a
+        redelivered replacement job never reprocesses a batch twice."""
+
+        def write(conn: psycopg.Connection[Any]) -> bool:
+            with conn.transaction():
+                row = conn.execute(
+                    "UPDATE stagerd_batches SET state = 'queued', sha256 = %s,"
+                    " archive_size = %s, error = 'archive replaced (transfer upload --force)',"
+                    " finished_at = NULL, updated_at = now()"
+                    " WHERE batch_id = %s AND state = 'done' AND sha256 IS DISTINCT FROM %s"
+                    " RETURNING batch_id",
+                    (sha256, size, batch_id, sha256),
+                ).fetchone()
+                if row is None:
+                    return False
+                conn.execute("DELETE FROM stagerd_results WHERE batch_id = %s", (batch_id,))
+            return True
+
+        return self._run("ledger reopen", write)
+
     def max_lease(self) -> int:
         """The newest lease token the ledger holds (the floor for Redis's epoch)."""
         row = self._run(

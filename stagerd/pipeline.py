@@ -174,10 +174,14 @@ class BatchSteps:
     def _claim(self, d: Delivery, job: Job) -> Delivery | None:
         """Claim the batch in the ledger with *d*'s lease token: the delivery to go on
         with (its token may be renewed), or None when the job ended here."""
-        for renewed in (False, True):
+        renewed = replaced = False
+        while True:
             try:
                 if self._begin(d, job):
                     return d
+                if not replaced and self._replace(d, job):
+                    replaced = True
+                    continue
                 self._already_done(d, job)
                 return None
             except LeaseLost as exc:
@@ -187,9 +191,24 @@ class BatchSteps:
                 if renewed or not self._redis(partial(self.queue.holds, d), "queue holds"):
                     self._abandon(d, str(exc))
                     return None
+                renewed = True
                 renew = partial(self.queue.new_lease, d, self.ledger.max_lease())
                 d = self._redis(renew, "queue lease")
-        return None
+
+    def _replace(self, d: Delivery, job: Job) -> bool:
+        """A ``transfer upload --force`` job for a done batch whose archive changed: the
+        old results are deleted and the batch reopened (True), to be processed again."""
+        if job.extra.get("replace") is not True or not job.sha256:
+            return False
+        if not self.ledger.reopen(job.batch_id, sha256=job.sha256, size=job.size):
+            return False
+        log.warning(
+            "batch %s was replaced by a new archive (--force): old results deleted, "
+            "processing it again",
+            job.batch_id,
+            extra={**_ctx(d), "event": "batch_replaced"},
+        )
+        return True
 
     def _begin(self, d: Delivery, job: Job) -> bool:
         return self.ledger.begin(

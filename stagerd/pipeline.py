@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stagerd.errors import LeaseLost, ScratchUnavailable, StagerdError
+from stagerd.errors import LeaseLost, ScratchUnavailable, ServiceUnavailable, StagerdError
 from stagerd.lease import Fence, LeaseBook
 from stagerd.log import get_logger
 from stagerd.retry import RetryPolicy, is_transient
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from stagerd.db import BatchRow, Ledger
     from stagerd.job import Job
     from stagerd.metrics import Metrics
-    from stagerd.processor import Processor
+    from stagerd.processor import Processor, ProcessOutcome
     from stagerd.queue import Delivery, ReliableQueue
     from stagerd.scratch import Reservation, ScratchManager
     from stagerd.stage import ArchiveHead, StageResult
@@ -82,6 +82,8 @@ class Staged:
     reservation: Reservation
     result: StageResult
     fence: Fence
+    # Results a previous run of this worker processed but could not commit (resume.py).
+    processed: ProcessOutcome | None = None
 
 
 def _handled(exc: BaseException) -> bool:
@@ -147,6 +149,9 @@ class BatchSteps:
         d = claimed
         fence = Fence(stop)
         self.leases.hold(d, fence)
+        resumed = self._resume(d, job, fence)
+        if resumed is not None:
+            return resumed
         reservation: Reservation | None = None
         try:
             head = self._head(job, fence)
@@ -194,6 +199,41 @@ class BatchSteps:
                 renewed = True
                 renew = partial(self.queue.new_lease, d, self.ledger.max_lease())
                 d = self._redis(renew, "queue lease")
+
+    def _resume(self, d: Delivery, job: Job, fence: Fence) -> Staged | None:
+        """This worker's previous run processed the batch but could not commit: adopt its
+        scratch dir and go straight to the commit (the processor does not run again)."""
+        from stagerd.processor import ProcessOutcome, read_results
+        from stagerd.resume import ProcessedMarker
+        from stagerd.stage import StageResult
+
+        path = self.scratch.batch_dir(job.batch_id)
+        marker = ProcessedMarker.read(path)
+        if marker is None or not marker.matches(job.batch_id, self.config.worker_id, job.sha256):
+            return None
+        reservation = self.scratch.adopt(job.batch_id)
+        if reservation is None:
+            return None
+        try:
+            results = read_results(path / "results.jsonl")
+        except StagerdError:
+            reservation.release()  # damaged: stage and process afresh
+            return None
+        log.warning(
+            "batch %s was processed by this worker's previous run but not committed: "
+            "committing its results without running the processor again",
+            job.batch_id,
+            extra={**_ctx(d), "event": "commit_resumed"},
+        )
+        result = StageResult(
+            marker.archive_bytes,
+            marker.extracted_bytes,
+            marker.file_count,
+            marker.sha256,
+            marker.stage_seconds,
+        )
+        outcome = ProcessOutcome(seconds=marker.process_seconds, results=results)
+        return Staged(d, job, reservation, result, fence, processed=outcome)
 
     def _replace(self, d: Delivery, job: Job) -> bool:
         """A ``transfer upload --force`` job for a done batch whose archive changed: the
@@ -319,44 +359,29 @@ class BatchSteps:
 
     def process(self, staged: Staged, processor: Processor, kill: threading.Event) -> None:
         """Process, commit results + done, ack; the reservation is released in every path."""
-        from stagerd.processor import ProcessRequest
-
-        d, path = staged.delivery, staged.reservation.path
-        fence = staged.fence
+        d, fence = staged.delivery, staged.fence
         # From here on the worker's *kill* (drain timeout), not its stop, ends the work.
         fence.parent = kill
         keep = False
         try:
             self.set_phase(d, "processing")
-            request = ProcessRequest(
-                batch_id=staged.job.batch_id,
-                batch_dir=path,
-                input_dir=path / "input",
-                results_path=path / "results.jsonl",
-            )
-            try:
-                outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
-            except Exception as exc:
-                if not _handled(exc):
-                    raise
-                keep = self._end_failed(d, exc, "processing", fence)
-                return
-            if fence.lost:
-                self._abandon(d, "lease lost while processing")
+            outcome = staged.processed or self._run_processor(staged, processor)
+            if outcome is None:
                 return
             self.set_phase(d, "committing")
             committing = time.monotonic()
             try:
-                written = self.ledger.commit_results(
-                    staged.job.batch_id,
-                    outcome.results,
-                    process_seconds=outcome.seconds,
-                    worker=self.config.worker_id,
-                    lease=d.lease or None,
-                )
+                written = self._commit(staged, outcome)
             except LeaseLost as exc:
                 self._abandon(d, str(exc))
                 return
+            except ServiceUnavailable:
+                # Out of retry budget or shutting down: the results stay on scratch and the
+                # job in our processing list, for this worker's restart to commit.
+                keep = True
+                if kill.is_set():
+                    return
+                raise
             self._redis(lambda: self.queue.ack(d), "queue ack")
             self._observe(
                 "done",
@@ -375,6 +400,86 @@ class BatchSteps:
         finally:
             self.leases.drop(fence)
             staged.reservation.release(remove=not keep)
+
+    def _run_processor(self, staged: Staged, processor: Processor) -> ProcessOutcome | None:
+        """Run the processor and leave the resume marker; None when the batch ended here
+        (failed: retried or dead-lettered; lease lost: abandoned)."""
+        from stagerd.processor import ProcessRequest
+
+        d, path, fence = staged.delivery, staged.reservation.path, staged.fence
+        request = ProcessRequest(
+            batch_id=staged.job.batch_id,
+            batch_dir=path,
+            input_dir=path / "input",
+            results_path=path / "results.jsonl",
+        )
+        try:
+            outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
+        except Exception as exc:
+            if not _handled(exc):
+                raise
+            if self._end_failed(d, exc, "processing", fence):
+                staged.reservation.release(remove=False)  # --keep-failed
+            return None
+        if fence.lost:
+            self._abandon(d, "lease lost while processing")
+            return None
+        self._mark_processed(staged, outcome)
+        return outcome
+
+    def _mark_processed(self, staged: Staged, outcome: ProcessOutcome) -> None:
+        from stagerd.resume import ProcessedMarker
+
+        r = staged.result
+        ProcessedMarker(
+            batch_id=staged.job.batch_id,
+            worker=self.config.worker_id,
+            sha256=r.sha256,
+            process_seconds=outcome.seconds,
+            archive_bytes=r.archive_bytes,
+            extracted_bytes=r.extracted_bytes,
+            file_count=r.file_count,
+            stage_seconds=r.seconds,
+        ).write(staged.reservation.path)
+
+    def _commit(self, staged: Staged, outcome: ProcessOutcome) -> bool:
+        """Commit results + done, retrying while PostgreSQL is unreachable for up to
+        STAGERD_COMMIT_RETRY (the results stay on scratch, the dir locked). Raises
+        LeaseLost, or ServiceUnavailable once the budget is spent or *kill* is set."""
+        d, fence = staged.delivery, staged.fence
+        deadline = time.monotonic() + self.settings.commit_retry
+        logged_at: float | None = None
+        while True:
+            try:
+                return self.ledger.commit_results(
+                    staged.job.batch_id,
+                    outcome.results,
+                    process_seconds=outcome.seconds,
+                    worker=self.config.worker_id,
+                    lease=d.lease or None,
+                )
+            except ServiceUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or fence.is_set():
+                    log.error(
+                        "giving up the commit of batch %s for now: %s; results kept on scratch"
+                        " for this worker's restart",
+                        d.batch_id,
+                        exc,
+                        extra={**_ctx(d), "event": "commit_deferred"},
+                    )
+                    raise
+                if logged_at is None or time.monotonic() - logged_at >= 60:
+                    logged_at = time.monotonic()
+                    log.warning(
+                        "cannot commit batch %s (%s): results kept on scratch, retrying for"
+                        " up to %.0fs more (STAGERD_COMMIT_RETRY)",
+                        d.batch_id,
+                        exc,
+                        left,
+                        extra={**_ctx(d), "event": "commit_retry"},
+                    )
+                fence.wait(min(5.0, max(0.1, left)))
 
     # --- endings ------------------------------------------------------------------
 

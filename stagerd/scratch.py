@@ -240,6 +240,25 @@ class ScratchManager:
                 return outcome
             waiter.wait(outcome, self._poll)
 
+    def adopt(self, batch_id: str) -> Reservation | None:
+        """Take over ``root/{batch_id}/`` as it is (a dead predecessor's processed results),
+        locked and counted as a reservation of the bytes it holds; None if it is gone or a
+        live process holds it. Admission does not apply: the bytes are already on disk."""
+        from stagerd.locks import try_lock_entry
+
+        path = self.batch_dir(batch_id)
+        with self.admission_lock():
+            try:
+                fd = try_lock_entry(path)
+            except OSError:
+                return None
+            if fd is None:
+                return None
+            record = Record.new(batch_id, self.dirs.written(batch_id))
+            self.records.write(record)
+        log.info("scratch dir adopted", extra={"batch_id": batch_id, "nbytes": record.nbytes})
+        return Reservation(self, record, fd)
+
     def _try_reserve(self, batch_id: str, nbytes: int) -> Reservation | str:
         """One admission attempt: the reservation, or why it must wait."""
         with self.admission_lock():

@@ -41,5 +41,6 @@ DIGEST_PREFIX = "stagerd/digests/"
 
 
 def digest_key(batch_id: str) -> str:
-    """``stagerd/digests/{batch_id}.json``: ``{"batch_id", "size", "sha256", "etag"}``."""
+    """``stagerd/digests/{batch_id}.json``: ``{"batch_id", "size", "sha256", "etag",
+    "file_count", "enqueued"}``, written by ``transfer upload`` after the enqueue."""
     return f"{DIGEST_PREFIX}{validate_batch_id(batch_id)}.json"

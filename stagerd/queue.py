@@ -288,7 +288,7 @@ class ReliableQueue:
         """*d* with a fresh lease token, the epoch first raised to *floor* (the ledger's
         newest token: after a Redis data loss the counter restarts below it)."""
         if floor:
-            self.client.eval(_EPOCH_FLOOR, 1, self.keys.epoch, floor)
+            raise_epoch(self.client, self.keys, floor)
         lease = int(self.client.incr(self.keys.epoch))
         return Delivery(raw=d.raw, job=d.job, error=d.error, attempt=d.attempt, lease=lease)
 
@@ -428,12 +428,18 @@ def recover_orphans(
 def processing_owners(client: redis.Redis, keys: QueueKeys) -> list[str]:
     """Worker ids that have a processing list (found by SCAN, whatever the workers set says)."""
     prefix = keys.processing("")
-    pattern = _glob_escape(prefix) + "*"
+    pattern = glob_escape(prefix) + "*"
     owners = {raw.decode()[len(prefix) :] for raw in client.scan_iter(match=pattern, count=1000)}
     return sorted(o for o in owners if o)
 
 
-def _glob_escape(text: str) -> str:
+def raise_epoch(client: redis.Redis, keys: QueueKeys, floor: int) -> None:
+    """Raise the lease epoch to at least *floor* (never lowers it; atomic)."""
+    client.eval(_EPOCH_FLOOR, 1, keys.epoch, floor)
+
+
+def glob_escape(text: str) -> str:
+    """*text* as a literal in a SCAN MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 

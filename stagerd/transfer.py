@@ -146,7 +146,6 @@ def transfer(
         result = upload_file(target, path, options, stop=stop, progress=progress)
     finally:
         progress.close()
-    _record_digest(client, s3.bucket, batch_id, result.size, result.sha256, result.etag)
     enqueued = False
     if redis_client is not None:
         job = Job.new(batch_id, file_count=file_count, size=result.size, sha256=result.sha256)
@@ -155,6 +154,15 @@ def transfer(
             # the digest differs, so a redelivered job never reprocesses twice).
             job = replace(job, extra={**job.extra, "replace": True})
         enqueued = _enqueue(redis_client, settings, job, force=request.force)
+    # After the enqueue: "enqueued" tells reconcile the job was handed to Redis (so its
+    # absence from every list after a Redis loss means it was lost, however recent).
+    digest = {"size": result.size, "sha256": result.sha256, "etag": result.etag}
+    _record_digest(
+        client,
+        s3.bucket,
+        batch_id,
+        {**digest, "file_count": file_count, "enqueued": redis_client is not None},
+    )
     report = TransferReport(
         batch_id=batch_id,
         s3_key=key,
@@ -174,14 +182,12 @@ def transfer(
     return report
 
 
-def _record_digest(
-    client: S3Client, bucket: str, batch_id: str, size: int, sha256: str, etag: str
-) -> None:
+def _record_digest(client: S3Client, bucket: str, batch_id: str, fields: dict[str, Any]) -> None:
     """Keep size and digest next to the archive in S3, where a Redis loss cannot take them
     (``stagerd reconcile`` re-enqueues with them)."""
     from stagerd.ids import digest_key
 
-    body = json.dumps({"batch_id": batch_id, "size": size, "sha256": sha256, "etag": etag})
+    body = json.dumps({"batch_id": batch_id, **fields}, sort_keys=True)
     PROBE_POLICY.call(
         lambda: client.put_object(
             Bucket=bucket,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from stagerd.errors import ConfigError
 from stagerd.lease import LeaseBook
 from stagerd.log import get_logger
+from stagerd.pg import is_db_transient
 from stagerd.pipeline import SERVICE_POLICY, BatchSteps, StepConfig
 from stagerd.prefetch import InFlight, Slot
 from stagerd.retry import RetryPolicy
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 PROCESSOR_MODES = ("oneshot", "persistent")
+# A worker restarted during a PostgreSQL outage (results waiting on scratch) waits for it
+# rather than crash-looping into systemd's start limit; under TimeoutStartSec (5 min).
+STARTUP_DB_POLICY = RetryPolicy(
+    attempts=10_000, base=0.2, max_delay=5.0, total=240.0, classify=is_db_transient
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ def _connect(settings: Settings, options: WorkerOptions) -> tuple[BatchSteps, Re
     database_url = settings.require_database()
     if not (options.processor or settings.processor):
         raise ConfigError("STAGERD_PROCESSOR: not set (or pass --processor CMD)")
-    migrate(database_url)
+    migrate(database_url, policy=STARTUP_DB_POLICY)
     queue = ReliableQueue.from_settings(settings, options.worker_id)
     taken = SERVICE_POLICY.call(queue.register, what="queue register")
     if taken:

@@ -74,3 +74,7 @@ class LeaseLost(StagerdError):
 
 class BatchIdReused(PermanentError):
     """An archive that differs (size or digest) from what its batch id already holds."""
+
+
+class WorkerIdInUse(StagerdError):
+    """Another live process on this host runs with the same worker id."""

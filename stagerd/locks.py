@@ -78,6 +78,15 @@ def is_locked(path: Path) -> bool:
     return False
 
 
+def _write_pid(fd: int) -> None:
+    """Leave our pid in the lock file so a waiter can say who holds it (best effort)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+
+
 class FileLock:
     """An exclusive flock on a small lock file, as a context manager.
 
@@ -104,7 +113,16 @@ class FileLock:
             os.close(fd)
             raise
         self._fd = fd
+        _write_pid(fd)
         return True
+
+    def holder(self) -> int | None:
+        """The pid the current holder wrote into the lock file (None if unknown)."""
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
 
     def _wait(self, fd: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from stagerd.errors import ConfigError
+from stagerd.errors import ConfigError, WorkerIdInUse
 from stagerd.lease import LeaseBook
+from stagerd.locks import FileLock
 from stagerd.log import get_logger
 from stagerd.pg import is_db_transient
 from stagerd.pipeline import SERVICE_POLICY, BatchSteps, StepConfig
@@ -67,6 +68,36 @@ def run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> No
     flight. Raises ConfigError on missing configuration, ServiceUnavailable when a backing
     service stays unreachable, and re-raises an unexpected error of a slot after shutdown."""
     _check(options)
+    identity = _claim_identity(settings, options.worker_id or settings.worker_id)
+    try:
+        _run(settings, options, stop)
+    finally:
+        if identity is not None:
+            identity.release()
+
+
+def _claim_identity(settings: Settings, worker_id: str) -> FileLock | None:
+    """Refuse at once a second process with our worker id on this host: a lock file under
+    the scratch root, held for the process's life (the kernel drops it if we die). None
+    when the scratch root does not exist (the scratch check reports that)."""
+    import re
+
+    state = settings.scratch_dir / ".stagerd"
+    if not settings.scratch_dir.is_dir():
+        return None
+    state.mkdir(mode=0o755, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", worker_id)
+    lock = FileLock(state / f"worker-{safe}.lock")
+    if not lock.acquire(blocking=False):
+        pid = lock.holder()
+        raise WorkerIdInUse(
+            f"worker id {worker_id!r} is already running on this host"
+            f"{f' (pid {pid})' if pid else ''}; give each process its own STAGERD_WORKER_ID"
+        )
+    return lock
+
+
+def _run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> None:
     steps, queue = _connect(settings, options)
     worker_id = queue.worker_id
     kill = threading.Event()

@@ -37,7 +37,7 @@ class Fence(threading.Event):
     def __init__(self, parent: threading.Event, progress: Progress | None = None) -> None:
         super().__init__()
         self.parent = parent
-        self.progress = progress
+        self.progress = progress or current_progress()
 
     @property
     def lost(self) -> bool:
@@ -70,6 +70,25 @@ class Progress:
 
     def idle(self) -> float:
         return time.monotonic() - self.stamp
+
+
+_local = threading.local()
+
+
+def track(progress: Progress | None) -> None:
+    """Make *progress* the calling thread's (a slot thread, at its start)."""
+    _local.progress = progress
+
+
+def current_progress() -> Progress | None:
+    return getattr(_local, "progress", None)
+
+
+def touch() -> None:
+    """Count as progress of the calling thread (a poll, a retry: busy, not hung)."""
+    progress = current_progress()
+    if progress is not None:
+        progress.touch()
 
 
 class LeaseBook:

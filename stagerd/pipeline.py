@@ -25,7 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from stagerd.errors import LeaseLost, ScratchUnavailable, ServiceUnavailable, StagerdError
-from stagerd.lease import Fence, LeaseBook
+from stagerd.lease import Fence, LeaseBook, current_progress
 from stagerd.log import get_logger
 from stagerd.retry import RetryPolicy, is_transient
 
@@ -360,8 +360,10 @@ class BatchSteps:
     def process(self, staged: Staged, processor: Processor, kill: threading.Event) -> None:
         """Process, commit results + done, ack; the reservation is released in every path."""
         d, fence = staged.delivery, staged.fence
-        # From here on the worker's *kill* (drain timeout), not its stop, ends the work.
+        # From here on the worker's *kill* (drain timeout), not its stop, ends the work,
+        # and its polls are the processor thread's progress.
         fence.parent = kill
+        fence.progress = current_progress()
         keep = False
         try:
             self.set_phase(d, "processing")

@@ -49,6 +49,9 @@ log = get_logger(__name__)
 # How often a waiting request re-checks, and how often it repeats its log line.
 POLL_INTERVAL = 0.25
 LOG_INTERVAL = 30.0
+# The admission lock is held for milliseconds; a wait this long means its holder hangs
+# (a stopped janitor): give up with an error rather than hang the slot.
+ADMISSION_TIMEOUT = 300.0
 
 
 class StatvfsResult(Protocol):
@@ -157,9 +160,13 @@ class Reservation:
                 self._manager.dirs.remove(self.batch_id)
         finally:
             # Drop the lock only once the record is gone, so the record never looks dead
-            # to others while it still counts here.
-            self._manager._forget(self.batch_id)
-            os.close(fd)
+            # to others while it still counts here. If the record cannot be deleted (the
+            # admission lock timed out) the dir lock is dropped anyway: a record whose
+            # owner holds no lock is dead, and the next admission reclaims it.
+            try:
+                self._manager._forget(self.batch_id)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> Reservation:
         return self
@@ -312,8 +319,12 @@ class ScratchManager:
     def admission_lock(self) -> Iterator[None]:
         """Hold the lock every admission decision and record change is made under."""
         self._ensure_state()
-        with FileLock(self.state_dir / "admission.lock"):
+        lock = FileLock(self.state_dir / "admission.lock")
+        lock.acquire(timeout=ADMISSION_TIMEOUT)
+        try:
             yield
+        finally:
+            lock.release()
 
     # -- internals ----------------------------------------------------------------------
 

@@ -55,6 +55,9 @@ class WorkerOptions:
     processor: str | None = None  # default: settings.processor (STAGERD_PROCESSOR)
     processor_mode: str = "oneshot"
     drain_timeout: float = 60.0
+    # A slot thread without progress this long stops the watchdog being fed (systemd's
+    # WatchdogSec=2min then restarts the worker): a hung slot never hangs silently.
+    stall_limit: float = 90.0
     worker_id: str | None = None  # default: settings.worker_id (STAGERD_WORKER_ID)
     reserve_timeout: float = 600.0
     tick: float = 1.0
@@ -219,8 +222,10 @@ def _start_slots(
 def _supervise(
     slots: list[Slot], options: WorkerOptions, stop: threading.Event, kill: threading.Event
 ) -> None:
-    """The main loop: watchdog ticks, and the drain deadline once *stop* is set."""
+    """The main loop: watchdog ticks (only while every slot makes progress), and the
+    drain deadline once *stop* is set."""
     drain_deadline: float | None = None
+    starved = False
     while any(slot.alive() for slot in slots):
         if not stop.is_set():
             stop.wait(options.tick)
@@ -232,7 +237,15 @@ def _supervise(
             if time.monotonic() >= drain_deadline and not kill.is_set():
                 log.warning("drain timeout reached: killing the processor, requeueing")
                 kill.set()
-        if options.on_tick is not None:
+        stalled = [name for slot in slots for name in slot.stalled(options.stall_limit)]
+        if stalled and not starved:
+            log.error(
+                "no progress in %s: not feeding the watchdog (systemd restarts the worker)",
+                ", ".join(stalled),
+                extra={"event": "watchdog_starved"},
+            )
+        starved = bool(stalled)
+        if options.on_tick is not None and not stalled:
             options.on_tick()
     for slot in slots:
         slot.join()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from stagerd.errors import LeaseLost, ScratchUnavailable, ServiceUnavailable, StagerdError
 from stagerd.lease import Fence, LeaseBook, current_progress
 from stagerd.log import get_logger
+from stagerd.resume import commit_with_retry
 from stagerd.retry import RetryPolicy, is_transient
 
 if TYPE_CHECKING:
@@ -203,36 +204,18 @@ class BatchSteps:
     def _resume(self, d: Delivery, job: Job, fence: Fence) -> Staged | None:
         """This worker's previous run processed the batch but could not commit: adopt its
         scratch dir and go straight to the commit (the processor does not run again)."""
-        from stagerd.processor import ProcessOutcome, read_results
-        from stagerd.resume import ProcessedMarker
-        from stagerd.stage import StageResult
+        from stagerd.resume import find_processed
 
-        path = self.scratch.batch_dir(job.batch_id)
-        marker = ProcessedMarker.read(path)
-        if marker is None or not marker.matches(job.batch_id, self.config.worker_id, job.sha256):
+        found = find_processed(self.scratch, job, self.config.worker_id)
+        if found is None:
             return None
-        reservation = self.scratch.adopt(job.batch_id)
-        if reservation is None:
-            return None
-        try:
-            results = read_results(path / "results.jsonl")
-        except StagerdError:
-            reservation.release()  # damaged: stage and process afresh
-            return None
+        reservation, result, outcome = found
         log.warning(
             "batch %s was processed by this worker's previous run but not committed: "
             "committing its results without running the processor again",
             job.batch_id,
             extra={**_ctx(d), "event": "commit_resumed"},
         )
-        result = StageResult(
-            marker.archive_bytes,
-            marker.extracted_bytes,
-            marker.file_count,
-            marker.sha256,
-            marker.stage_seconds,
-        )
-        outcome = ProcessOutcome(seconds=marker.process_seconds, results=results)
         return Staged(d, job, reservation, result, fence, processed=outcome)
 
     def _replace(self, d: Delivery, job: Job) -> bool:
@@ -373,7 +356,15 @@ class BatchSteps:
             self.set_phase(d, "committing")
             committing = time.monotonic()
             try:
-                written = self._commit(staged, outcome)
+                written = commit_with_retry(
+                    self.ledger,
+                    staged.job.batch_id,
+                    outcome,
+                    worker=self.config.worker_id,
+                    lease=d.lease or None,
+                    retry_for=self.settings.commit_retry,
+                    fence=fence,
+                )
             except LeaseLost as exc:
                 self._abandon(d, str(exc))
                 return
@@ -426,62 +417,10 @@ class BatchSteps:
         if fence.lost:
             self._abandon(d, "lease lost while processing")
             return None
-        self._mark_processed(staged, outcome)
+        from stagerd.resume import mark_processed
+
+        mark_processed(staged.reservation.path, self.config.worker_id, staged.result, outcome)
         return outcome
-
-    def _mark_processed(self, staged: Staged, outcome: ProcessOutcome) -> None:
-        from stagerd.resume import ProcessedMarker
-
-        r = staged.result
-        ProcessedMarker(
-            batch_id=staged.job.batch_id,
-            worker=self.config.worker_id,
-            sha256=r.sha256,
-            process_seconds=outcome.seconds,
-            archive_bytes=r.archive_bytes,
-            extracted_bytes=r.extracted_bytes,
-            file_count=r.file_count,
-            stage_seconds=r.seconds,
-        ).write(staged.reservation.path)
-
-    def _commit(self, staged: Staged, outcome: ProcessOutcome) -> bool:
-        """Commit results + done, retrying while PostgreSQL is unreachable for up to
-        STAGERD_COMMIT_RETRY (the results stay on scratch, the dir locked). Raises
-        LeaseLost, or ServiceUnavailable once the budget is spent or *kill* is set."""
-        d, fence = staged.delivery, staged.fence
-        deadline = time.monotonic() + self.settings.commit_retry
-        logged_at: float | None = None
-        while True:
-            try:
-                return self.ledger.commit_results(
-                    staged.job.batch_id,
-                    outcome.results,
-                    process_seconds=outcome.seconds,
-                    worker=self.config.worker_id,
-                    lease=d.lease or None,
-                )
-            except ServiceUnavailable as exc:
-                left = deadline - time.monotonic()
-                if left <= 0 or fence.is_set():
-                    log.error(
-                        "giving up the commit of batch %s for now: %s; results kept on scratch"
-                        " for this worker's restart",
-                        d.batch_id,
-                        exc,
-                        extra={**_ctx(d), "event": "commit_deferred"},
-                    )
-                    raise
-                if logged_at is None or time.monotonic() - logged_at >= 60:
-                    logged_at = time.monotonic()
-                    log.warning(
-                        "cannot commit batch %s (%s): results kept on scratch, retrying for"
-                        " up to %.0fs more (STAGERD_COMMIT_RETRY)",
-                        d.batch_id,
-                        exc,
-                        left,
-                        extra={**_ctx(d), "event": "commit_retry"},
-                    )
-                fence.wait(min(5.0, max(0.1, left)))
 
     # --- endings ------------------------------------------------------------------
 

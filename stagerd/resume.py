@@ -13,10 +13,22 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from stagerd.errors import ServiceUnavailable, StagerdError
 from stagerd.log import get_logger
+
+if TYPE_CHECKING:
+    import threading
+
+    from stagerd.db import Ledger
+    from stagerd.job import Job
+    from stagerd.processor import ProcessOutcome
+    from stagerd.scratch import Reservation, ScratchManager
+    from stagerd.stage import StageResult
 
 log = get_logger(__name__)
 MARKER = "processed.json"
@@ -60,3 +72,96 @@ class ProcessedMarker:
             and self.worker == worker
             and (sha256 is None or sha256 == self.sha256)
         )
+
+
+def mark_processed(path: Path, worker: str, result: StageResult, outcome: ProcessOutcome) -> None:
+    """Leave the marker in the batch dir *path*: the results beside it are complete."""
+    ProcessedMarker(
+        batch_id=path.name,
+        worker=worker,
+        sha256=result.sha256,
+        process_seconds=outcome.seconds,
+        archive_bytes=result.archive_bytes,
+        extracted_bytes=result.extracted_bytes,
+        file_count=result.file_count,
+        stage_seconds=result.seconds,
+    ).write(path)
+
+
+def find_processed(
+    scratch: ScratchManager, job: Job, worker: str
+) -> tuple[Reservation, StageResult, ProcessOutcome] | None:
+    """The batch's dir adopted (locked, counted) with its stage result and results, when a
+    previous run of *worker* processed this very archive and did not commit; else None."""
+    from stagerd.processor import ProcessOutcome, read_results
+    from stagerd.stage import StageResult
+
+    path = scratch.batch_dir(job.batch_id)
+    marker = ProcessedMarker.read(path)
+    if marker is None or not marker.matches(job.batch_id, worker, job.sha256):
+        return None
+    reservation = scratch.adopt(job.batch_id)
+    if reservation is None:
+        return None
+    try:
+        results = read_results(path / "results.jsonl")
+    except StagerdError:
+        reservation.release()  # damaged: stage and process afresh
+        return None
+    result = StageResult(
+        marker.archive_bytes,
+        marker.extracted_bytes,
+        marker.file_count,
+        marker.sha256,
+        marker.stage_seconds,
+    )
+    return reservation, result, ProcessOutcome(seconds=marker.process_seconds, results=results)
+
+
+def commit_with_retry(
+    ledger: Ledger,
+    batch_id: str,
+    outcome: ProcessOutcome,
+    *,
+    worker: str,
+    lease: int | None,
+    retry_for: float,
+    fence: threading.Event,
+) -> bool:
+    """Commit results + done, retrying while PostgreSQL is unreachable for up to
+    *retry_for* seconds (STAGERD_COMMIT_RETRY; the caller keeps the results on scratch).
+    Raises LeaseLost, or ServiceUnavailable once the budget is spent or *fence* is set."""
+    deadline = time.monotonic() + retry_for
+    logged_at: float | None = None
+    while True:
+        try:
+            return ledger.commit_results(
+                batch_id,
+                outcome.results,
+                process_seconds=outcome.seconds,
+                worker=worker,
+                lease=lease,
+            )
+        except ServiceUnavailable as exc:
+            left = deadline - time.monotonic()
+            ctx = {"batch_id": batch_id, "lease": lease}
+            if left <= 0 or fence.is_set():
+                log.error(
+                    "giving up the commit of batch %s for now: %s; results kept on scratch"
+                    " for this worker's restart",
+                    batch_id,
+                    exc,
+                    extra={**ctx, "event": "commit_deferred"},
+                )
+                raise
+            if logged_at is None or time.monotonic() - logged_at >= 60:
+                logged_at = time.monotonic()
+                log.warning(
+                    "cannot commit batch %s (%s): results kept on scratch, retrying for"
+                    " up to %.0fs more (STAGERD_COMMIT_RETRY)",
+                    batch_id,
+                    exc,
+                    left,
+                    extra={**ctx, "event": "commit_retry"},
+                )
+            fence.wait(min(5.0, max(0.1, left)))

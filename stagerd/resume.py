@@ -11,6 +11,7 @@ worker id) and commits the results without running the processor again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -103,6 +104,9 @@ def find_processed(
     reservation = scratch.adopt(job.batch_id)
     if reservation is None:
         return None
+    # Fresh again for the janitor's age rule, however long the outage lasts.
+    with contextlib.suppress(OSError):
+        os.utime(path)
     try:
         results = read_results(path / "results.jsonl")
     except StagerdError:

@@ -85,3 +85,13 @@ def test_results_outlive_a_postgres_outage_at_commit(
         ledger.close()
     assert redis_client.llen(queue_name) == 0
     assert scratch_leftovers(scratch_dir) == []
+
+
+def test_the_janitor_keeps_processed_results_that_wait_for_their_commit() -> None:
+    from stagerd.sweep import KEEP_YOUNG, PROCESSED_MIN_AGE, REMOVE, EntryFacts, decide
+
+    waiting = EntryFacts("b", "dir", locked=False, age=3600.0, processed=True)
+    assert decide(waiting, min_age=0.0) == KEEP_YOUNG
+    stale = EntryFacts("b", "dir", locked=False, age=PROCESSED_MIN_AGE + 1, processed=True)
+    assert decide(stale, min_age=0.0) == REMOVE
+    assert decide(EntryFacts("b", "dir", locked=False, age=3600.0), min_age=900.0) == REMOVE

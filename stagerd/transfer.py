@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stagerd.config import S3Settings, Settings, redact_url
-from stagerd.errors import BatchIdReused, PermanentError, ServiceUnavailable
+from stagerd.errors import BatchIdReused, PermanentError, ServiceUnavailable, StagerdError
 from stagerd.ids import archive_key, validate_batch_id
 from stagerd.job import Job
 from stagerd.keys import QueueKeys
@@ -154,15 +154,13 @@ def transfer(
             # the digest differs, so a redelivered job never reprocesses twice).
             job = replace(job, extra={**job.extra, "replace": True})
         enqueued = _enqueue(redis_client, settings, job, force=request.force)
-    # After the enqueue: "enqueued" tells reconcile the job was handed to Redis (so its
-    # absence from every list after a Redis loss means it was lost, however recent).
-    digest = {"size": result.size, "sha256": result.sha256, "etag": result.etag}
-    _record_digest(
-        client,
-        s3.bucket,
-        batch_id,
-        {**digest, "file_count": file_count, "enqueued": redis_client is not None},
-    )
+    if redis_client is not None:
+        # After the enqueue, and only for jobs stagerd enqueued (the seed's upload_archive
+        # creates nothing but the archive): "enqueued" tells reconcile the job was handed to
+        # Redis, so its absence from every list after a Redis loss means it was lost.
+        digest = {"size": result.size, "sha256": result.sha256, "etag": result.etag}
+        fields = {**digest, "file_count": file_count, "enqueued": True}
+        _record_digest(client, s3.bucket, batch_id, fields, policy or RetryPolicy())
     report = TransferReport(
         batch_id=batch_id,
         s3_key=key,
@@ -182,21 +180,26 @@ def transfer(
     return report
 
 
-def _record_digest(client: S3Client, bucket: str, batch_id: str, fields: dict[str, Any]) -> None:
+def _record_digest(
+    client: S3Client, bucket: str, batch_id: str, fields: dict[str, Any], policy: RetryPolicy
+) -> None:
     """Keep size and digest next to the archive in S3, where a Redis loss cannot take them
-    (``stagerd reconcile`` re-enqueues with them)."""
+    (``stagerd reconcile`` re-enqueues with them). Best effort: the archive is uploaded
+    and enqueued already, and reconcile works without the record (size only)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from stagerd.ids import digest_key
 
-    body = json.dumps({"batch_id": batch_id, **fields}, sort_keys=True)
-    PROBE_POLICY.call(
-        lambda: client.put_object(
-            Bucket=bucket,
-            Key=digest_key(batch_id),
-            Body=body.encode(),
-            ContentType="application/json",
-        ),
-        what="S3 PutObject (digest)",
-    )
+    body = json.dumps({"batch_id": batch_id, **fields}, sort_keys=True).encode()
+    try:
+        policy.call(
+            lambda: client.put_object(
+                Bucket=bucket, Key=digest_key(batch_id), Body=body, ContentType="application/json"
+            ),
+            what="S3 PutObject (digest record)",
+        )
+    except (BotoCoreError, ClientError, StagerdError, OSError) as exc:
+        log.warning("could not write the digest record of %s: %s", batch_id, exc)
 
 
 def _check_ledger_archive(settings: Settings, batch_id: str, path: Path, size: int) -> None:

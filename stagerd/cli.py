@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "transfer",
     "gpu",
     "janitor",
+    "reconcile",
     "status",
     "doctor",
     "dlq",

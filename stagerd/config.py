@@ -88,6 +88,9 @@ class Settings:
     process_scratch_allowance: int = 1 * GiB
     metrics_file: Path | None = None
     heartbeat_ttl: float = 60.0
+    # How long a worker keeps retrying the results commit (PostgreSQL unreachable) with
+    # the results held on scratch, before it exits and leaves them for its restart.
+    commit_retry: float = 3600.0
     worker_id: str = field(default_factory=socket.gethostname)
     env_file: Path | None = None
 
@@ -307,6 +310,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_PROCESS_SCRATCH_ALLOWANCE", "process_scratch_allowance", parse_size),
     _Spec("STAGERD_METRICS_FILE", "metrics_file", lambda text: Path(_nonempty(text))),
     _Spec("STAGERD_HEARTBEAT_TTL", "heartbeat_ttl", _positive(parse_duration)),
+    _Spec("STAGERD_COMMIT_RETRY", "commit_retry", _positive(parse_duration)),
     _Spec("STAGERD_WORKER_ID", "worker_id", _nonempty),
 )
 

@@ -74,3 +74,17 @@ class ResultsRejected(PermanentError):
 
 class ServiceUnavailable(TransientError):
     """A backing service (S3, Redis, PostgreSQL) could not be reached."""
+
+
+class LeaseLost(StagerdError):
+    """This worker no longer holds the batch: recovery gave it to another worker (its
+    heartbeat expired) or a newer lease token reached the ledger first. The batch must be
+    abandoned at once: nothing committed, no queue transition, scratch released."""
+
+
+class BatchIdReused(PermanentError):
+    """An archive that differs (size or digest) from what its batch id already holds."""
+
+
+class WorkerIdInUse(StagerdError):
+    """Another live process on this host runs with the same worker id."""

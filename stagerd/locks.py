@@ -22,7 +22,13 @@ from types import TracebackType
 
 from stagerd.errors import ScratchUnavailable
 from stagerd.fstree import restore_owner_rwx
+from stagerd.log import get_logger
 
+log = get_logger(__name__)
+
+# A lock wait longer than this is logged (then every LOG_EVERY seconds), with the holder.
+LOG_AFTER = 5.0
+LOG_EVERY = 30.0
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
 
@@ -98,6 +104,15 @@ def is_locked(path: Path) -> bool:
     return False
 
 
+def _write_pid(fd: int) -> None:
+    """Leave our pid in the lock file so a waiter can say who holds it (best effort)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+
+
 class FileLock:
     """An exclusive flock on a small lock file, as a context manager.
 
@@ -124,14 +139,44 @@ class FileLock:
             os.close(fd)
             raise
         self._fd = fd
+        _write_pid(fd)
         return True
 
+    def holder(self) -> int | None:
+        """The pid the current holder wrote into the lock file (None if unknown)."""
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
     def _wait(self, fd: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        """Poll for the lock; a long wait is logged with the holder's pid (a stopped
+        janitor, a hung worker), and again every LOG_EVERY seconds."""
+        started = time.monotonic()
+        logged_at: float | None = None
         while not try_flock(fd):
-            if time.monotonic() >= deadline:
-                raise ScratchUnavailable(f"lock {self.path} still held after {timeout:g}s")
+            now = time.monotonic()
+            if now - started >= timeout:
+                raise ScratchUnavailable(
+                    f"lock {self.path} still held after {timeout:g}s{self._by()}"
+                )
+            if now - started >= LOG_AFTER and (logged_at is None or now - logged_at >= LOG_EVERY):
+                logged_at = now
+                log.warning(
+                    "waiting %.0fs for lock %s%s",
+                    now - started,
+                    self.path,
+                    self._by(),
+                    extra={"event": "lock_wait", "lock": str(self.path), "pid": self.holder()},
+                )
             time.sleep(0.01)
+        if logged_at is not None:
+            log.info("got lock %s after %.1fs", self.path, time.monotonic() - started)
+
+    def _by(self) -> str:
+        pid = self.holder()
+        return f" (held by pid {pid})" if pid else ""
 
     def release(self) -> None:
         if self._fd is not None:

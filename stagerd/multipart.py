@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stagerd.errors import PermanentError
+from stagerd.errors import BatchIdReused, PermanentError
 from stagerd.log import get_logger
 from stagerd.multipart_types import (
     PART_SIZE_META,
@@ -111,6 +111,8 @@ class _Uploader:
             done = self._existing_object()
             if done is not None:
                 return done
+            if self.opts.keep_existing:
+                self._refuse_if_present()
         if len(self.parts) == 1 and self.state.size <= SINGLE_PUT_MAX:
             return self._put_whole()
         for _ in range(VANISHED_ROUNDS - 1):
@@ -179,6 +181,18 @@ class _Uploader:
             uploaded_bytes=0,
             resumed_bytes=self.state.size,
             already_complete=True,
+        )
+
+    def _refuse_if_present(self) -> None:
+        """Batch ids are immutable: an object that is not this file is never overwritten."""
+        head = self._head()
+        if head is None:
+            return
+        raise BatchIdReused(
+            f"batch id already holds a different archive: s3://{self.t.bucket}/{self.t.key} is "
+            f"{head.get('ContentLength')} bytes and differs from {self.path} "
+            f"({self.state.size} bytes); nothing was changed (--force replaces it and the "
+            "batch is processed again)"
         )
 
     def _head(self) -> dict[str, Any] | None:

@@ -18,6 +18,9 @@ queue transition, decided here:
 A worker killed outright (SIGKILL, OOM) leaves its phase in the trail
 (:mod:`stagerd.trail`); the next pickup of that job reports the attempt that died and its
 phase, and dead-letters with that reason once STAGERD_MAX_ATTEMPTS is reached.
+
+A lease lost (:mod:`stagerd.lease`) abandons the batch at once: processor stopped, scratch
+released, nothing committed, no queue or ledger transition (it is another worker's now).
 """
 
 from __future__ import annotations
@@ -26,22 +29,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from stagerd import trail
-from stagerd.errors import ScratchUnavailable, StagerdError
+from stagerd.errors import LeaseLost, ScratchUnavailable, ServiceUnavailable, StagerdError
 from stagerd.health import WorkerHealth, brief
+from stagerd.lease import Fence, LeaseBook, current_progress
 from stagerd.log import get_logger
+from stagerd.resume import commit_with_retry
 from stagerd.retry import RetryPolicy, is_transient
 from stagerd.shutdown import ShutdownGuard
 
 if TYPE_CHECKING:
     from stagerd.config import Settings
-    from stagerd.db import Ledger
+    from stagerd.db import BatchRow, Ledger
     from stagerd.job import Job
     from stagerd.metrics import Metrics
-    from stagerd.processor import Processor
+    from stagerd.processor import Processor, ProcessOutcome
     from stagerd.queue import Delivery, ReliableQueue
+    from stagerd.results import ResultLimits
     from stagerd.scratch import Reservation, ScratchManager
     from stagerd.stage import ArchiveHead, StageResult
 
@@ -87,6 +94,9 @@ class Staged:
     job: Job
     reservation: Reservation
     result: StageResult
+    fence: Fence
+    # Results a previous run of this worker processed but could not commit (resume.py).
+    processed: ProcessOutcome | None = None
 
 
 def _expected(exc: BaseException) -> bool:
@@ -123,6 +133,7 @@ class BatchSteps:
         self.health = health
         # The worker's stop: ends a pause even when the caller only passed ``kill``.
         self.stop = stop or threading.Event()
+        self.leases = LeaseBook()
 
     # --- queue edge ---------------------------------------------------------------
 
@@ -164,23 +175,27 @@ class BatchSteps:
         self, d: Delivery, stop: threading.Event, may_wait: Callable[[], bool]
     ) -> Staged | None:
         """Validate, record and stage *d*. None when the job ended here (skipped, failed,
-        requeued on shutdown). *may_wait*: whether waiting for budget can end by itself
-        (another batch of this worker will release its reservation)."""
+        requeued on shutdown, lease lost). *may_wait*: whether waiting for budget can end
+        by itself (another batch of this worker will release its reservation)."""
         job = self._validate(d)
         if job is None:
             return None
         self.set_phase(d, "staging")
+        fence: Fence | None = None
         reservation: Reservation | None = None
         try:
-            if not self.ledger.begin(
-                job.batch_id, job.s3_key, worker=self.config.worker_id, sha256=job.sha256
-            ):
-                log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
-                self.ack(d)
+            claimed = self._claim(d, job)
+            if claimed is None:
                 return None
-            head = self._head(job, stop)
-            reservation = self._reserve(job, head.size, stop, may_wait)
-            result = self._stage_into(job, reservation, head, stop)
+            d = claimed
+            fence = Fence(stop)
+            self.leases.hold(d, fence)
+            resumed = self._resume(d, job, fence)
+            if resumed is not None:
+                return resumed
+            head = self._head(job, fence)
+            reservation = self._reserve(job, head.size, fence, may_wait)
+            result = self._stage_into(job, reservation, head, fence)
             self.ledger.mark_processing(
                 job.batch_id,
                 archive_bytes=result.archive_bytes,
@@ -188,18 +203,111 @@ class BatchSteps:
                 file_count=result.file_count,
                 sha256=result.sha256,
                 stage_seconds=result.seconds,
+                lease=d.lease or None,
             )
         except Exception as exc:
             log.debug("batch %s: staging raised", d.batch_id, exc_info=True)
+            if fence is not None:
+                self.leases.drop(fence)
             keep = False
             try:
-                keep = self._end_failed(d, exc, "staging", stop)
+                keep = self._end_failed(d, exc, "staging", fence or stop)
             finally:
                 # Also when ending the job failed (a stopping worker left it for recovery).
                 if reservation is not None:
                     reservation.release(remove=not keep)
             return None
-        return Staged(d, job, reservation, result)
+        return Staged(d, job, reservation, result, fence)
+
+    def _claim(self, d: Delivery, job: Job) -> Delivery | None:
+        """Claim the batch in the ledger with *d*'s lease token: the delivery to go on
+        with (its token may be renewed), or None when the job ended here."""
+        renewed = replaced = False
+        while True:
+            try:
+                if self._begin(d, job):
+                    return d
+                if not replaced and self._replace(d, job):
+                    replaced = True
+                    continue
+                self._already_done(d, job)
+                return None
+            except LeaseLost as exc:
+                # Still in our processing list: nobody recovered it, so a refused token
+                # means Redis lost its epoch counter (restart without persistence). Raise
+                # the epoch past the ledger's and claim again, once.
+                if renewed or not self._redis(partial(self.queue.holds, d), "queue holds"):
+                    self._abandon(d, str(exc))
+                    return None
+                renewed = True
+                renew = partial(self.queue.new_lease, d, self.ledger.max_lease())
+                d = self._redis(renew, "queue lease")
+
+    def _resume(self, d: Delivery, job: Job, fence: Fence) -> Staged | None:
+        """This worker's previous run processed the batch but could not commit: adopt its
+        scratch dir and go straight to the commit (the processor does not run again)."""
+        from stagerd.resume import find_processed
+
+        found = find_processed(self.scratch, job, self.config.worker_id, self._result_limits())
+        if found is None:
+            return None
+        reservation, result, outcome = found
+        log.warning(
+            "batch %s was processed by this worker's previous run but not committed: "
+            "committing its results without running the processor again",
+            job.batch_id,
+            extra={**_ctx(d), "event": "commit_resumed"},
+        )
+        return Staged(d, job, reservation, result, fence, processed=outcome)
+
+    def _replace(self, d: Delivery, job: Job) -> bool:
+        """A ``transfer upload --force`` job for a done batch whose archive changed: the
+        old results are deleted and the batch reopened (True), to be processed again."""
+        if job.extra.get("replace") is not True or not job.sha256:
+            return False
+        if not self.ledger.reopen(job.batch_id, sha256=job.sha256, size=job.size):
+            return False
+        log.warning(
+            "batch %s was replaced by a new archive (--force): old results deleted, "
+            "processing it again",
+            job.batch_id,
+            extra={**_ctx(d), "event": "batch_replaced"},
+        )
+        return True
+
+    def _begin(self, d: Delivery, job: Job) -> bool:
+        return self.ledger.begin(
+            job.batch_id,
+            job.s3_key,
+            worker=self.config.worker_id,
+            sha256=job.sha256,
+            lease=d.lease or None,
+            size=job.size,
+        )
+
+    def _already_done(self, d: Delivery, job: Job) -> None:
+        """The batch is done: ack, unless this job names a different archive (the batch id
+        was reused), which is dead-lettered with the reason instead."""
+        row = self.ledger.batch(job.batch_id)
+        differs = _differs(job, row.sha256 if row else None, _done_size(row))
+        if differs:
+            reason = f"batch id reused: {differs}; the done batch keeps its results"
+            log.error("dead-lettering %s: %s", job.batch_id, reason, extra=_ctx(d))
+            self._clear_trail(d)
+            self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
+            self._record(job.batch_id, reason, "dead", d, "validate")
+            return
+        log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
+        self.ack(d)
+
+    def _abandon(self, d: Delivery, why: str) -> None:
+        """Lease lost: the batch is another worker's now; do nothing more with it."""
+        log.error(
+            "abandoning batch %s: %s (nothing committed, no queue transition)",
+            d.batch_id,
+            why,
+            extra={**_ctx(d), "lease": d.lease, "event": "lease_abandoned"},
+        )
 
     def _validate(self, d: Delivery) -> Job | None:
         if d.job is None:
@@ -296,40 +404,43 @@ class BatchSteps:
 
     def process(self, staged: Staged, processor: Processor, kill: threading.Event) -> None:
         """Process, commit results + done, ack; the reservation is released in every path."""
-        from stagerd.diskguard import DiskGuard
-        from stagerd.processor import ProcessRequest
-
-        d, path = staged.delivery, staged.reservation.path
+        d, fence = staged.delivery, staged.fence
+        # From here on the worker's *kill* (drain timeout), not its stop, ends the work,
+        # and its polls are the processor thread's progress.
+        fence.parent = kill
+        fence.progress = current_progress()
         keep = False
         phase = "processing"
         try:
             self.set_phase(d, phase)
-            request = ProcessRequest(
-                batch_id=staged.job.batch_id,
-                batch_dir=path,
-                input_dir=path / "input",
-                results_path=path / "results.jsonl",
-                guard=DiskGuard(
-                    self.scratch, staged.reservation, self.settings.process_scratch_allowance
-                ),
-            )
+            outcome = staged.processed
+            if outcome is None:
+                try:
+                    outcome = self._run_processor(staged, processor)
+                except Exception as exc:
+                    log.debug("batch %s: processing raised", d.batch_id, exc_info=True)
+                    keep = self._end_failed(d, exc, phase, fence)
+                    return
+                if outcome is None:  # the lease was lost while processing: abandoned
+                    return
+            phase = "committing"
             try:
-                outcome = processor.run(request, timeout=self.config.process_timeout, stop=kill)
-                phase = "committing"
                 self.set_phase(d, phase)
                 committing = time.monotonic()
-                # Invalid or over-limit results (ours or PostgreSQL's verdict) raise
-                # ResultsRejected, a permanent error: the batch ends on this attempt.
-                written = self.ledger.commit_results(
-                    staged.job.batch_id,
-                    outcome.results,
-                    process_seconds=outcome.seconds,
-                    worker=self.config.worker_id,
-                    unique=True,
-                )
+                written = self._commit(staged, outcome)
+            except LeaseLost as exc:
+                self._abandon(d, str(exc))
+                return
+            except ServiceUnavailable:
+                # Out of retry budget or shutting down: the results stay on scratch and the
+                # job in our processing list, for this worker's restart to commit.
+                keep = True
+                if kill.is_set() or self.stop.is_set():
+                    return
+                raise
             except Exception as exc:
-                log.debug("batch %s: %s raised", d.batch_id, phase, exc_info=True)
-                keep = self._end_failed(d, exc, phase, kill)
+                log.debug("batch %s: committing raised", d.batch_id, exc_info=True)
+                keep = self._end_failed(d, exc, phase, fence)
                 return
             self.ack(d)
             self._observe(
@@ -347,7 +458,51 @@ class BatchSteps:
                 extra={**_ctx(d), "process_seconds": round(outcome.seconds, 3)},
             )
         finally:
+            self.leases.drop(fence)
             staged.reservation.release(remove=not keep)
+
+    def _run_processor(self, staged: Staged, processor: Processor) -> ProcessOutcome | None:
+        """Run the processor and leave the resume marker; None when the lease was lost
+        meanwhile (the batch is abandoned). Raises what the processor raised."""
+        from stagerd.diskguard import DiskGuard
+        from stagerd.processor import ProcessRequest
+        from stagerd.resume import mark_processed
+
+        d, path, fence = staged.delivery, staged.reservation.path, staged.fence
+        request = ProcessRequest(
+            batch_id=staged.job.batch_id,
+            batch_dir=path,
+            input_dir=path / "input",
+            results_path=path / "results.jsonl",
+            guard=DiskGuard(
+                self.scratch, staged.reservation, self.settings.process_scratch_allowance
+            ),
+        )
+        outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
+        if fence.lost:
+            self._abandon(d, "lease lost while processing")
+            return None
+        mark_processed(path, self.config.worker_id, staged.result, outcome)
+        return outcome
+
+    def _commit(self, staged: Staged, outcome: ProcessOutcome) -> bool:
+        """Results + done in one transaction, retried through a PostgreSQL outage
+        (STAGERD_COMMIT_RETRY). Invalid or over-limit results (ours or PostgreSQL's
+        verdict) raise ResultsRejected, a permanent error: the batch ends on this attempt."""
+        return commit_with_retry(
+            self.ledger,
+            staged.job.batch_id,
+            outcome,
+            worker=self.config.worker_id,
+            lease=staged.delivery.lease or None,
+            retry_for=self.settings.commit_retry,
+            fence=staged.fence,
+        )
+
+    def _result_limits(self) -> ResultLimits:
+        from stagerd.results import ResultLimits
+
+        return ResultLimits(self.settings.max_results, self.settings.max_result_bytes)
 
     # --- endings ------------------------------------------------------------------
 
@@ -360,7 +515,7 @@ class BatchSteps:
         self._redis(lambda: self.queue.requeue(d, front=True, refund=True), "queue requeue")
         if d.batch_id is not None:
             try:
-                self.ledger.mark_requeued(d.batch_id, reason)
+                self.ledger.mark_requeued(d.batch_id, reason, lease=d.lease or None)
             except StagerdError as exc:  # the hand-back happened; the ledger may be down
                 log.warning("could not mark %s requeued: %s", d.batch_id, brief(exc))
         log.info("requeued %s at the head: %s", d.batch_id, reason, extra=_ctx(d))
@@ -369,6 +524,9 @@ class BatchSteps:
         self, d: Delivery, exc: BaseException, phase: str, interrupted: threading.Event
     ) -> bool:
         """Carry out the ending of a failed job; True if its scratch dir should be kept."""
+        if (isinstance(interrupted, Fence) and interrupted.lost) or isinstance(exc, LeaseLost):
+            self._abandon(d, f"lease lost during {phase}")
+            return False
         if interrupted.is_set() or self.stop.is_set():
             self.requeue(d, f"worker shutting down during {phase}")
             return False
@@ -428,6 +586,7 @@ class BatchSteps:
                 attempt=d.attempt if attempt is None else attempt,
                 worker=self.config.worker_id,
                 phase=phase,
+                lease=d.lease or None,
             )
         except Exception as exc:
             log.error(
@@ -437,6 +596,21 @@ class BatchSteps:
                 exc_info=not isinstance(exc, StagerdError),
                 extra=_ctx(d),
             )
+
+
+def _done_size(row: BatchRow | None) -> int | None:
+    if row is None:
+        return None
+    return row.archive_size if row.archive_size is not None else row.archive_bytes
+
+
+def _differs(job: Job, sha256: str | None, size: int | None) -> str | None:
+    """How *job*'s archive differs from the recorded one, or None (same, or unknown)."""
+    if job.size is not None and size is not None and job.size != size:
+        return f"the job's archive is {job.size} bytes, the batch's was {size}"
+    if job.sha256 and sha256 and job.sha256 != sha256:
+        return f"the job's SHA-256 {job.sha256[:12]}... differs from the batch's {sha256[:12]}..."
+    return None
 
 
 def _ctx(d: Delivery) -> dict[str, Any]:

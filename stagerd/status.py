@@ -66,7 +66,11 @@ def queue_section(client: redis.Redis, keys: QueueKeys) -> dict[str, Any]:
 def worker_section(client: redis.Redis, keys: QueueKeys) -> list[dict[str, Any]]:
     """Every known worker, whether its heartbeat is alive, and its in-flight jobs."""
     now = time.time()
-    workers = sorted(w.decode() for w in cast(set[bytes], client.smembers(keys.workers)))
+    from stagerd.queue import processing_owners
+
+    # Also workers dropped from the set that still hold jobs (found by their lists).
+    registered = {w.decode() for w in cast(set[bytes], client.smembers(keys.workers))}
+    workers = sorted(registered | set(processing_owners(client, keys)))
     section = []
     for worker in workers:
         phases = {

@@ -95,6 +95,8 @@ def gpu(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    # Starve the watchdog once a slot has shown no progress for 3/4 of WatchdogSec.
+    interval = sdnotify.watchdog_seconds()
     options = WorkerOptions(
         concurrency=concurrency,
         prefetch=prefetch,
@@ -107,6 +109,7 @@ def gpu(
         worker_id=worker_id,
         on_ready=lambda: sdnotify.ready("connected; consuming " + settings.queue),
         on_tick=on_tick,
+        stall_limit=0.75 * interval if interval else WorkerOptions.stall_limit,
     )
     # Before any processor starts: its same-user code must not read our memory/environ.
     proctree.harden_worker()

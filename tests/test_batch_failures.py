@@ -56,7 +56,7 @@ def _failures(database_url: str, batch_id: str) -> list[db.FailureRow]:
         ledger.close()
 
 
-def test_poison_headers_and_unstorable_results_end_their_batch_on_attempt_one(
+def test_poison_payloads_and_hostile_headers_end_their_batch_on_attempt_one(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, database_url: str, scratch_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip

@@ -128,6 +128,21 @@ class Job:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
 
 
+def loads_untrusted(raw: str | bytes) -> Any:
+    """``json.loads`` for queue data others wrote (pending, processing and dead lists):
+    raises ValueError, and only ValueError, for anything that is not JSON, including
+    nesting deeper than MAX_PAYLOAD_DEPTH (the decoder recurses: RecursionError)."""
+    depth = json_depth(raw)
+    if depth > MAX_PAYLOAD_DEPTH:
+        raise ValueError(f"nests {depth} levels deep (at most {MAX_PAYLOAD_DEPTH})")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise
+    except Exception as exc:  # RecursionError, MemoryError: still just "not JSON"
+        raise ValueError(_first_line(exc)) from exc
+
+
 def json_depth(raw: str | bytes) -> int:
     """The deepest nesting of ``[``/``{`` outside strings; linear, never recursive."""
     text = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")

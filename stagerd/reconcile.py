@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from stagerd.errors import ConfigError, InvalidBatchId
 from stagerd.ids import digest_key, validate_batch_id
-from stagerd.job import Job
+from stagerd.job import Job, loads_untrusted
 from stagerd.keys import QueueKeys
 from stagerd.log import get_logger
 
@@ -197,7 +197,7 @@ def queued_batches(client: redis.Redis, keys: QueueKeys) -> set[str]:
     ids = set()
     for raw in raws:
         try:
-            data = json.loads(raw)
+            data = loads_untrusted(raw)
         except ValueError:
             continue
         if isinstance(data, dict):

@@ -56,17 +56,21 @@ def _failures(database_url: str, batch_id: str) -> list[db.FailureRow]:
         ledger.close()
 
 
-def test_poison_headers_and_unstorable_results_end_their_batch_on_attempt_one(
+def test_poison_payloads_and_hostile_headers_end_their_batch_on_attempt_one(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, database_url: str, scratch_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     deep = PAYLOADS["deep-nesting-list"].data
     redis_client.rpush(queue_name, deep)
+    # Others' raw payloads land in the dead and processing lists too.
+    redis_client.rpush(QueueKeys(queue_name).dead, deep)
+    redis_client.rpush(QueueKeys(queue_name).processing("gone-worker"), deep)
     # The operator tools read the queue too; the payload that crashed them must not.
-    for args in (["status"], ["janitor", "--dry-run"]):
+    for args in (["status"], ["janitor", "--dry-run"], ["dlq", "list"]):
         result = run_cli(["--log-json", *args], env=stagerd_env, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+    redis_client.delete(QueueKeys(queue_name).dead, QueueKeys(queue_name).processing("gone-worker"))
     # Straight to S3 and the queue: what an older producer or a bypassed check leaves.
     for name in ("pax-size-unicode-digits", "pax-size-5000-digits", "name-not-utf8"):
         put_batch(s3_client, redis_client, s3_bucket, queue_name, f"h-{name}",
@@ -96,15 +100,16 @@ def test_poison_headers_and_unstorable_results_end_their_batch_on_attempt_one(
 @pytest.mark.parametrize(
     ("lines", "why"),
     [
-        (['{"item": "a\\u0000b", "v": 1}'], "NUL"),
-        (['{"item": "a", "v": "x\\u0000y"}'], "Unicode escape"),
+        (['{"item": "a\\u0000b", "v": 1}'], ("NUL",)),
+        # Refused by stagerd's results validation, or by PostgreSQL if it gets that far.
+        (['{"item": "a", "v": "x\\u0000y"}'], ("NUL", "Unicode escape")),
     ],
     ids=["nul-in-item", "escaped-nul-in-value"],
 )
 def test_results_postgres_refuses_end_the_batch_not_the_worker(
     run_cli: Any, stagerd_env: dict[str, str], s3_client: Any, s3_bucket: str,
     redis_client: Any, queue_name: str, database_url: str, scratch_dir: Path, tmp_path: Path,
-    lines: list[str], why: str,
+    lines: list[str], why: tuple[str, ...],
 ) -> None:  # fmt: skip
     put_batch(s3_client, redis_client, s3_bucket, queue_name, "bad-results", make_tar(files=1))
     env = {**stagerd_env, "STAGERD_PROCESSOR": _results_processor(tmp_path, lines)}
@@ -113,9 +118,10 @@ def test_results_postgres_refuses_end_the_batch_not_the_worker(
     assert "internal error" not in result.stderr
     (entry,) = dead_letters(redis_client, queue_name)
     assert entry["batch_id"] == "bad-results" and entry["attempts"] == 1, entry
-    assert why in entry["error"] and "exceeds" not in entry["error"], entry
+    assert any(w in entry["error"] for w in why) and "exceeds" not in entry["error"], entry
     failures = _failures(database_url, "bad-results")
-    assert [f.outcome for f in failures] == ["dead"] and why in failures[0].error
+    assert [f.outcome for f in failures] == ["dead"]
+    assert any(w in failures[0].error for w in why)
     assert scratch_leftovers(scratch_dir) == []
 
 

@@ -349,13 +349,15 @@ def _reconcile_part(
     import redis as redis_lib
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from stagerd.reconcile import ReconcileOptions, reconcile
+    from stagerd.reconcile import LedgerNotMigrated, ReconcileOptions, reconcile
     from stagerd.s3 import describe_client_error, get_s3_client
 
     try:
         done = reconcile(
             settings, ReconcileOptions(dry_run=options.dry_run), s3=get_s3_client(s3), client=client
         )
+    except LedgerNotMigrated as exc:
+        report.skip("reconcile", str(exc))
     except (BotoCoreError, ClientError) as exc:
         report.fail("reconcile", describe_client_error(exc, s3.bucket, s3.endpoint))
     except (redis_lib.RedisError, psycopg.Error, OSError, StagerdError) as exc:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from stagerd.errors import ConfigError, InvalidBatchId
+from stagerd.errors import ConfigError, InvalidBatchId, StagerdError
 from stagerd.ids import digest_key, validate_batch_id
 from stagerd.job import Job, loads_untrusted
 from stagerd.keys import QueueKeys
@@ -58,6 +58,11 @@ repeat
 until cursor == '0'
 return out
 """
+
+
+class LedgerNotMigrated(StagerdError):
+    """The ledger has no schema yet: nothing says which batches are done, so nothing is
+    re-enqueued (a wrong DATABASE_URL must not re-run every archive in the bucket)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,11 @@ def reconcile(
         raise ConfigError("DATABASE_URL: not set (reconcile reads the ledger's done batches)")
     bucket = settings.require_s3().bucket
     keys = QueueKeys(settings.queue)
+    if not _ledger_migrated(settings.database_url):
+        raise LedgerNotMigrated(
+            "the ledger is not migrated (run stagerd db migrate, or check DATABASE_URL): "
+            "nothing says which batches are done, so nothing was re-enqueued"
+        )
     archives = list_archives(s3, bucket)
     queued = queued_batches(client, keys)
     states = _ledger_states(settings.database_url, [a.batch_id for a in archives])
@@ -206,6 +216,17 @@ def queued_batches(client: redis.Redis, keys: QueueKeys) -> set[str]:
             if isinstance(batch, str):
                 ids.add(batch)
     return ids
+
+
+def _ledger_migrated(database_url: str) -> bool:
+    from stagerd.db import Ledger
+    from stagerd.pg import CLI_POLICY
+
+    ledger = Ledger(database_url, policy=CLI_POLICY)
+    try:
+        return ledger.schema_ready()
+    finally:
+        ledger.close()
 
 
 def _ledger_states(database_url: str, batch_ids: list[str]) -> dict[str, str]:

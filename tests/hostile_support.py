@@ -3,7 +3,8 @@
 :class:`HostileRun` sets up a user-owned home (scratch, env file, processor script; a
 tmpfs of a given size as scratch when asked), runs the worker through ``setpriv`` and
 measures what the tests assert on: the worker's peak RSS (``wait4``'s ``ru_maxrss``, which
-also covers the processes it waited for: an upper bound), the scratch volume's lowest free
+also covers the processes it waited for: an upper bound; taken by a small launcher, see
+:data:`LAUNCHER`), the scratch volume's lowest free
 space while it ran, its log, and every process still carrying this run's marker in its
 environment afterwards.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -106,12 +108,19 @@ class HostileRun:
         argv = [WORKER_PYTHON, "-m", "stagerd", "--log-json", "gpu", "--burst"]
         argv += ["--processor", processor, "--drain-timeout", "5s", *args]
         log_path = self.home / "worker.log"
+        rss_path = self.home / "worker.maxrss"
+        launcher = ["/usr/bin/python3", "-S", "-c", LAUNCHER, str(rss_path)]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                as_user(argv), env={**self.env, **env}, cwd=ROOT, stdout=log, stderr=log
+                [*launcher, *as_user(argv)],
+                env={**self.env, **env},
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # the timeout kills launcher and worker together
             )
             free = _FreeWatcher(self.scratch)
-            killer = threading.Timer(timeout, lambda: _kill(proc.pid))
+            killer = threading.Timer(timeout, lambda: _kill_group(proc.pid))
             killer.start()
             try:
                 _, status, usage = os.wait4(proc.pid, 0)
@@ -122,7 +131,7 @@ class HostileRun:
         data = log_path.read_bytes()
         return WorkerRun(
             proc.returncode, data.decode("utf-8", "replace"), len(data),
-            usage.ru_maxrss * 1024, free.lowest,
+            _launcher_rss(rss_path, usage), free.lowest,
         )  # fmt: skip
 
     def survivors(self) -> list[int]:
@@ -167,6 +176,36 @@ class _FreeWatcher:
         self._done.set()
         self._thread.join(5)
         self.lowest = min(self.lowest, self._free())
+
+
+# Linux carries a process's peak RSS across exec, and a child forked from the pytest worker
+# starts with the parent's (hundreds of MB late in a full run): wait4 on such a child reports
+# the test runner's memory, not the worker's. This launcher, small itself, forks the worker
+# from its own small image and writes the worker tree's ru_maxrss (KiB) to argv[1].
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
+def _launcher_rss(path: Path, usage: resource.struct_rusage) -> int:
+    """The worker tree's peak RSS in bytes, as the launcher measured it; the launcher's own
+    (an upper bound that includes it) if it was killed before writing."""
+    try:
+        return int(path.read_text()) * 1024
+    except (OSError, ValueError):
+        return int(usage.ru_maxrss) * 1024
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _kill(pid: int) -> None:

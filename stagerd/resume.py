@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class ProcessedMarker:
 
     def write(self, batch_dir: Path) -> None:
         """Atomically (rename), so a crash never leaves half a marker."""
+        _owner_rwx(batch_dir)
         temp = batch_dir / f".{MARKER}.tmp"
         temp.write_text(json.dumps(asdict(self), sort_keys=True), encoding="utf-8")
         os.replace(temp, batch_dir / MARKER)
@@ -75,6 +77,20 @@ class ProcessedMarker:
             and self.worker == worker
             and (sha256 is None or sha256 == self.sha256)
         )
+
+
+def _owner_rwx(batch_dir: Path) -> None:
+    """The processor runs as our user and may have chmod-ed its batch dir (0555): give the
+    owner back rwx, without following a link, so the marker can be written."""
+    from stagerd.fstree import restore_owner_rwx
+
+    parent_fd = os.open(batch_dir.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = os.stat(batch_dir.name, dir_fd=parent_fd, follow_symlinks=False)
+        if stat.S_ISDIR(seen.st_mode) and stat.S_IMODE(seen.st_mode) & 0o700 != 0o700:
+            restore_owner_rwx(batch_dir.name, parent_fd, seen)
+    finally:
+        os.close(parent_fd)
 
 
 def mark_processed(path: Path, worker: str, result: StageResult, outcome: ProcessOutcome) -> None:

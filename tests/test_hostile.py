@@ -183,7 +183,9 @@ def assert_contained(run: HostileRun, worker: WorkerRun) -> None:
     assert wait_gone(run.survivors()) == [], "a processor process survived the batch"
     assert scratch_leftovers(run.scratch) == []
     assert worker.peak_rss < RSS_LIMIT, worker.peak_rss
-    assert "Traceback" not in worker.log
+    assert "Traceback" not in worker.log, [
+        ln[-3000:] for ln in worker.log.splitlines() if "Traceback" in ln
+    ]
 
 
 def test_daemonizing_processor_ends_with_its_batch(

@@ -39,6 +39,7 @@ class Sizes:
     startup_runs: int
     prefetch_batches: int
     prefetch_archive: int  # sets the staging time; processing time is then k x measured staging
+    result_rows: int = 1_000_000  # "RSS < 200 MB for a 1,000,000-row results file"
 
 
 FULL = Sizes(
@@ -66,6 +67,7 @@ QUICK = Sizes(
     startup_runs=3,
     prefetch_batches=2,
     prefetch_archive=8 * MiB,
+    result_rows=20_000,
 )
 
 
@@ -88,6 +90,9 @@ class BenchContext:
     database_url: str
     work: Path  # bench/work: generated data (kept between runs) and per-run scratch
     python: str = sys.executable
+    server_pids: tuple[int, ...] = ()  # the S3 server's processes (their CPU is reported)
+    profile_dir: Path | None = None  # --profile: py-spy one extra stagerd run per scenario
+    scale: bool = False  # --scale: the scale set (bench/scenarios/scale.py)
 
     @property
     def data_dir(self) -> Path:

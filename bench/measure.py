@@ -10,6 +10,13 @@ Peak RSS is the larger of two views, because each misses something:
 Peak scratch is polled from the allocated blocks under the scratch dir (``st_blocks``, so a
 sparse file counts what it really occupies), with the interval stretched when the walk is slow
 so the sampler never takes a core away from the thing it measures.
+
+CPU seconds are user + system of the contender's whole process tree, from the launcher's
+RUSAGE_CHILDREN (every descendant that was reaped, pipelines included). The S3 server's CPU is
+counted apart: user + system (+ reaped children) of the server's processes and their live
+descendants, read from /proc/<pid>/stat right before the contender starts and right after it
+exits (:func:`tree_cpu`). On a shared server the delta includes other tenants' requests; on a
+quiet machine it is what serving the contender cost.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
 LAUNCH = Path(__file__).resolve().parent / "launch.py"
 POLL_SECONDS = 0.05
 
@@ -40,18 +48,55 @@ class Sample:
     peak_scratch: int = 0
     returncode: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float | None = None  # user + sys of the contender's whole process tree
+    server_cpu_seconds: float | None = None  # the S3 server's user + sys meanwhile
 
 
 def _session_of(pid: str) -> tuple[int, int] | None:
     """(session id, rss bytes) of a process, or None when it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return int(fields[3]), int(fields[21]) * PAGE
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (index 0 = state), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[3]), int(fields[21]) * PAGE
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def tree_cpu(roots: Iterable[int]) -> float:
+    """CPU seconds (user + sys + reaped children's) of *roots* and all their live descendants.
+
+    A descendant that exits between two reads moves into its parent's cutime/cstime, so the
+    total stays consistent; only CPU of a process reaped by something outside the tree is lost.
+    """
+    parents: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(entry.name)
+        if fields is None or len(fields) < 15:
+            continue
+        pid = int(entry.name)
+        parents.setdefault(int(fields[1]), []).append(pid)
+        # utime, stime, cutime, cstime: fields 14-17 of stat(5), here 11-14.
+        ticks[pid] = sum(int(x) for x in fields[11:15])
+    total, stack, seen = 0, [p for p in roots if p in ticks], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += ticks.get(pid, 0)
+        stack.extend(parents.get(pid, []))
+    return total / TICK
 
 
 def session_rss(sessions: Iterable[int], exclude: Iterable[int] = ()) -> dict[int, int]:
@@ -148,13 +193,14 @@ def launcher(cmd: Sequence[str], maxrss_file: Path) -> list[str]:
     return [sys.executable, "-S", "-I", str(LAUNCH), str(maxrss_file), *cmd]
 
 
-def read_launch(path: Path) -> tuple[int, float | None]:
-    """(ru_maxrss bytes, seconds) written by the launcher; (0, None) if it was killed."""
+def read_launch(path: Path) -> tuple[int, float | None, float | None]:
+    """(ru_maxrss bytes, seconds, user + sys seconds) written by the launcher; (0, None, None)
+    if it was killed."""
     try:
-        rss, seconds = path.read_text().split()
-        return int(rss), float(seconds)
+        rss, seconds, user, system = path.read_text().split()
+        return int(rss), float(seconds), float(user) + float(system)
     except (OSError, ValueError):
-        return 0, None
+        return 0, None, None
 
 
 def run_measured(
@@ -164,15 +210,18 @@ def run_measured(
     cwd: Path | None = None,
     scratch: Sequence[Path] = (),
     timeout: float = 3600.0,
+    server: Sequence[int] = (),
 ) -> tuple[Sample, str, str]:
     """Run *cmd* in a fresh session; return its Sample, stdout and stderr.
 
+    *server*: the S3 server's pids, whose CPU over the run goes to ``server_cpu_seconds``.
     A non-zero exit is not an exception: the caller decides (a killed run is sometimes the
     point). stdout/stderr go to temporary files, not pipes, so a chatty child never blocks.
     """
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         paths = [Path(tmp) / n for n in ("out", "err", "maxrss")]
         with open(paths[0], "w+b") as out, open(paths[1], "w+b") as err:
+            server_before = tree_cpu(server) if server else None
             started = time.perf_counter()
             proc = subprocess.Popen(
                 launcher(cmd, paths[2]),
@@ -191,16 +240,19 @@ def run_measured(
                     proc.wait()
                     raise
             seconds = time.perf_counter() - started
+            server_cpu = None if server_before is None else tree_cpu(server) - server_before
             poller.sample()
             out.seek(0)
             err.seek(0)
             stdout = out.read().decode(errors="replace")
             stderr = err.read().decode(errors="replace")
-        maxrss, launched_seconds = read_launch(paths[2])
+        maxrss, launched_seconds, cpu = read_launch(paths[2])
     sample = Sample(
         seconds=launched_seconds if launched_seconds is not None else seconds,
         peak_rss=max(maxrss, poller.peak_total_rss),
         peak_scratch=poller.peak_scratch,
         returncode=proc.returncode,
+        cpu_seconds=cpu,
+        server_cpu_seconds=None if server_cpu is None else max(0.0, server_cpu),
     )
     return sample, stdout, stderr

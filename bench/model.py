@@ -7,6 +7,7 @@ spreads over all of them instead of biasing the one that happened to run last.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,11 @@ from bench.measure import Sample
 
 STAGERD = "stagerd"
 RSS_LIMIT = 200 * 1000 * 1000  # "200 MB": decimal, as written in the issue
+GiB = 1024**3
+# What a contender is, for the targets: a "peer" (another tool doing the job its own way), the
+# "verify" peer (a peer pipeline doing stagerd's verification too: the CPU baseline) or the
+# "floor" (no network: what the disk alone allows). stagerd's contenders are role "stagerd".
+ROLES = ("stagerd", "peer", "verify", "floor")
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,7 @@ class Contender:
     run: Callable[[int], Sample]
     is_stagerd: bool = False
     max_rounds: int | None = None  # fewer rounds for a peer whose result is known by design
+    role: str = "peer"  # see ROLES; stagerd's contenders get "stagerd"
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class ContenderResult:
     is_stagerd: bool
     samples: list[Sample]
     error: str | None = None
+    role: str = "peer"
 
     @property
     def ok(self) -> bool:
@@ -42,22 +50,32 @@ class ContenderResult:
     def metric(self, key: str = "seconds") -> list[float]:
         if key in ("seconds", "peak_rss", "peak_scratch"):
             return [float(getattr(s, key)) for s in self.samples]
-        return [float(s.extra[key]) for s in self.samples if key in s.extra]
+        if key in ("cpu_seconds", "server_cpu_seconds"):
+            values = (getattr(s, key) for s in self.samples)
+            return [float(v) for v in values if v is not None]
+        return [float(s.extra[key]) for s in self.samples if s.extra.get(key) is not None]
 
     def median(self, key: str = "seconds") -> float:
         values = self.metric(key)
         return statistics.median(values) if values else float("nan")
+
+    def _median_or_none(self, key: str) -> float | None:
+        values = self.metric(key)
+        return statistics.median(values) if values else None
 
     def summary(self) -> dict[str, Any]:
         secs = self.metric()
         return {
             "name": self.name,
             "is_stagerd": self.is_stagerd,
+            "role": self.role,
             "error": self.error,
             "rounds": len(self.samples),
             "median_seconds": statistics.median(secs) if secs else None,
             "min_seconds": min(secs) if secs else None,
             "max_seconds": max(secs) if secs else None,
+            "median_cpu_seconds": self._median_or_none("cpu_seconds"),
+            "median_server_cpu_seconds": self._median_or_none("server_cpu_seconds"),
             "peak_rss": max((s.peak_rss for s in self.samples), default=None),
             "peak_scratch": max((s.peak_scratch for s in self.samples), default=None),
             "samples": [asdict(s) for s in self.samples],
@@ -100,6 +118,56 @@ class ScenarioResult:
     metric: str = "seconds"  # what the ratios compare
     columns: list[str] = field(default_factory=list)  # extra keys whose medians the report shows
     skipped: str | None = None
+    nbytes: int = 0  # bytes each run moves: CPU is then reported per GiB of them
+
+    def cpu_per_gib(self, c: ContenderResult, key: str = "cpu_seconds") -> float:
+        """Median CPU seconds (``cpu_seconds`` or ``server_cpu_seconds``) per GiB moved."""
+        if not self.nbytes:
+            return float("nan")
+        return c.median(key) / (self.nbytes / GiB)
+
+    def fastest(self, roles: tuple[str, ...] = ("peer", "verify")) -> ContenderResult | None:
+        """The contender of *roles* with the lowest median time (None if none produced data)."""
+        rows = [c for c in self.contenders if c.ok and c.role in roles]
+        return min(rows, key=lambda c: c.median("seconds"), default=None)
+
+    def stagerd_result(self) -> ContenderResult | None:
+        return next((c for c in self.contenders if c.is_stagerd and c.ok), None)
+
+    def add_fastest_check(
+        self, what: str, limit: float, roles: tuple[str, ...] = ("peer", "verify")
+    ) -> None:
+        """stagerd's median time / the fastest contender's of *roles* <= *limit*.
+
+        The fastest is chosen from this run's medians, so the target follows whichever tool
+        is fastest here today (not a fixed peer); its name goes into the label.
+        """
+        mine, best = self.stagerd_result(), self.fastest(roles)
+        if mine is None:
+            return
+        floor = roles == ("floor",)
+        if best is None:
+            kind = "local floor" if floor else "fastest peer"
+            self.checks.append(Check(f"{what} vs {kind} (none measured)", math.nan, "<=", limit))
+            return
+        ratio = mine.median() / best.median()
+        against = best.name if floor else f"fastest peer ({best.name})"
+        self.checks.append(Check(f"{what} vs {against}", ratio, "<=", limit))
+
+    def add_cpu_check(self, limit: float = 1.3) -> None:
+        """stagerd's CPU s/GiB (its whole process tree) / the verifying peer's <= *limit*."""
+        mine = self.stagerd_result()
+        verify = next((c for c in self.contenders if c.role == "verify" and c.ok), None)
+        if mine is None:
+            return
+        if verify is None:
+            self.checks.append(Check("CPU s/GiB vs verifying peer (none)", math.nan, "<=", limit))
+            return
+        theirs = self.cpu_per_gib(verify)
+        ratio = self.cpu_per_gib(mine) / theirs if theirs else math.inf
+        self.checks.append(
+            Check(f"CPU s/GiB vs verifying peer ({verify.name})", ratio, "<=", limit)
+        )
 
     def contender(self, name: str) -> ContenderResult:
         return next(c for c in self.contenders if c.name == name)
@@ -124,6 +192,14 @@ class ScenarioResult:
                 peak = max(s.peak_rss for s in c.samples)
                 self.checks.append(Check(f"{c.name} peak RSS", peak / 1e6, "<=", 200, "MB"))
 
+    def _summary(self, c: ContenderResult) -> dict[str, Any]:
+        out = c.summary()
+        if self.nbytes:
+            for key, name in (("cpu_seconds", "cpu"), ("server_cpu_seconds", "server_cpu")):
+                value = self.cpu_per_gib(c, key)
+                out[f"{name}_s_per_gib"] = None if math.isnan(value) else value
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -132,7 +208,8 @@ class ScenarioResult:
             "metric": self.metric,
             "columns": self.columns,
             "skipped": self.skipped,
-            "contenders": [c.summary() for c in self.contenders],
+            "nbytes": self.nbytes,
+            "contenders": [self._summary(c) for c in self.contenders],
             "ratios": self.ratios,
             "checks": [c.to_dict() for c in self.checks],
             "notes": self.notes,
@@ -142,7 +219,13 @@ class ScenarioResult:
 def scenario_from_dict(d: dict[str, Any]) -> ScenarioResult:
     """Rebuild a ScenarioResult from its JSON (``--update`` folds new scenarios into old runs)."""
     contenders = [
-        ContenderResult(c["name"], c["is_stagerd"], [Sample(**s) for s in c["samples"]], c["error"])
+        ContenderResult(
+            c["name"],
+            c["is_stagerd"],
+            [Sample(**s) for s in c["samples"]],
+            c["error"],
+            c.get("role", _role_of(c)),
+        )
         for c in d["contenders"]
     ]
     checks = [
@@ -159,7 +242,15 @@ def scenario_from_dict(d: dict[str, Any]) -> ScenarioResult:
         d.get("metric", "seconds"),
         d.get("columns", []),
         d.get("skipped"),
+        d.get("nbytes", 0),
     )
+
+
+def _role_of(c: dict[str, Any]) -> str:
+    """A role for a contender from a results file older than roles."""
+    if c["is_stagerd"]:
+        return "stagerd"
+    return "floor" if str(c["name"]).startswith("local floor") else "peer"
 
 
 def interleave(contenders: Sequence[Contender], rounds: int) -> list[ContenderResult]:
@@ -175,7 +266,13 @@ def interleave(contenders: Sequence[Contender], rounds: int) -> list[ContenderRe
             except Exception as exc:  # one broken contender must not sink the whole report
                 errors[c.name] = f"{type(exc).__name__}: {exc}"[:2000]
     return [
-        ContenderResult(c.name, c.is_stagerd, samples[c.name], errors.get(c.name))
+        ContenderResult(
+            c.name,
+            c.is_stagerd,
+            samples[c.name],
+            errors.get(c.name),
+            "stagerd" if c.is_stagerd else c.role,
+        )
         for c in contenders
     ]
 

@@ -40,6 +40,7 @@ def document(
         "started_at": started.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "quick": ctx.quick,
+        "scale": ctx.scale,
         "rounds": ctx.rounds,
         "s3": ctx.s3.name,
         "git_commit": _git_commit(),
@@ -51,6 +52,72 @@ def document(
             "failed": sum(1 for c in checks if not c["passed"]),
         },
     }
+
+
+def _fastest_peer(scenario: dict[str, Any]) -> dict[str, Any] | None:
+    rows = [
+        c
+        for c in scenario["contenders"]
+        if not c["is_stagerd"]
+        and not c.get("error")
+        and c.get("role", "peer") in ("peer", "verify")
+    ]
+    return min(rows, key=lambda c: c["median_seconds"] or math.inf, default=None)
+
+
+def beside(doc: dict[str, Any], other: dict[str, Any], source: str) -> dict[str, Any]:
+    """This run's scenarios next to the same scenarios of *other* (e.g. Swift beside
+    SeaweedFS): stagerd's median, the fastest peer's, their ratio, on each server."""
+    theirs = {s["name"]: s for s in other.get("scenarios", [])}
+    rows = []
+    for mine in doc["scenarios"]:
+        there = theirs.get(mine["name"])
+        if there is None:
+            continue
+        row: dict[str, Any] = {"scenario": mine["name"]}
+        for side, scenario in (("here", mine), ("there", there)):
+            stagerd = next((c for c in scenario["contenders"] if c["is_stagerd"]), None)
+            best = _fastest_peer(scenario)
+            row[f"{side}_stagerd_seconds"] = stagerd and stagerd["median_seconds"]
+            row[f"{side}_fastest_peer"] = best and best["name"]
+            row[f"{side}_fastest_seconds"] = best and best["median_seconds"]
+        rows.append(row)
+    return {
+        "source": source,
+        "s3": other.get("s3"),
+        "started_at": other.get("started_at"),
+        "quick": other.get("quick"),
+        "rows": rows,
+    }
+
+
+def _beside_md(doc: dict[str, Any]) -> list[str]:
+    b = doc.get("beside")
+    if not b or not b["rows"]:
+        return []
+    here, there = doc["s3"], b["s3"]
+    out = [
+        f"## Beside {there}",
+        "",
+        f"The same scenarios from `{b['source']}` ({there}, {str(b['started_at'])[:19]}Z"
+        f"{', --quick' if b.get('quick') else ''}): different runs, so compare the ratios.",
+        "",
+        f"| Scenario | stagerd on {here} | fastest peer on {here} | ratio | "
+        f"stagerd on {there} | fastest peer on {there} | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(a: float | None, b_: float | None) -> str:
+        return f"{a / b_:.3f}x" if a and b_ else "-"
+
+    for r in b["rows"]:
+        cells = []
+        for side in ("here", "there"):
+            s, f = r[f"{side}_stagerd_seconds"], r[f"{side}_fastest_seconds"]
+            peer = cell(str(r[f"{side}_fastest_peer"] or "-"))
+            cells += [f"{fmt_num(s)}s", f"{peer} {fmt_num(f)}s", ratio(s, f)]
+        out.append(f"| {r['scenario']} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def write(
@@ -107,29 +174,39 @@ def result_lines(result: ScenarioResult) -> list[str]:
     return lines
 
 
+def _cpu_cells(r: ScenarioResult, c: ContenderResult) -> str:
+    """CPU of the contender's process tree and the S3 server's: per GiB moved when the
+    scenario moves a known number of bytes, else seconds per run."""
+    if r.nbytes:
+        mine, server = r.cpu_per_gib(c), r.cpu_per_gib(c, "server_cpu_seconds")
+    else:
+        mine, server = c.median("cpu_seconds"), c.median("server_cpu_seconds")
+    return f" {fmt_num(mine)} | {fmt_num(server)} |"
+
+
 def _contender_row(r: ScenarioResult, c: ContenderResult) -> str:
     key = r.metric
     values = c.metric(key)
     unit = "s" if key == "seconds" else ""
+    wall = key != "seconds"
+    width = 7 + int(wall) + len(r.columns)  # the cells after the name
     if not c.ok:
-        blanks = " |" * len(r.columns)
-        return (
-            f"| {cell(c.name)} | error: {cell((c.error or 'no samples')[:200])} | | | | |{blanks}"
-        )
+        error = cell((c.error or "no samples")[:200])
+        return f"| {cell(c.name)} | {c.role} | error: {error} |" + " |" * (width - 1)
     stagerd = next((x for x in r.contenders if x.is_stagerd and x.ok), None)
-    ratio = (
-        ""
-        if c.is_stagerd or stagerd is None
-        else f"{r.ratios.get(f'{stagerd.name}/{c.name}', math.nan):.3f}x"
-    )
+    # stagerd's median over this contender's (the scale set pairs each size with its own).
+    found = next((v for k, v in r.ratios.items() if k.endswith(f"/{c.name}")), math.nan)
+    ratio = "" if c.is_stagerd or stagerd is None else f"{found:.3f}x"
     span = f"{fmt_num(min(values))}-{fmt_num(max(values))}" if values else "-"
     peak_rss = max(s.peak_rss for s in c.samples)
     peak_scratch = max(s.peak_scratch for s in c.samples)
     name = f"**{cell(c.name)}**" if c.is_stagerd else cell(c.name)
+    wall_cell = f" {fmt_num(c.median())} |" if wall else ""
     extra = "".join(f" {fmt_num(c.median(k))} |" for k in r.columns)
     return (
-        f"| {name} | {fmt_num(c.median(key))}{unit} | {span} | {ratio} | "
-        f"{fmt_bytes(peak_rss)} | {fmt_bytes(peak_scratch) if peak_scratch else '-'} |{extra}"
+        f"| {name} | {c.role} | {fmt_num(c.median(key))}{unit} | {span} | {ratio} |{wall_cell}"
+        f"{_cpu_cells(r, c)} {fmt_bytes(peak_rss)} | "
+        f"{fmt_bytes(peak_scratch) if peak_scratch else '-'} |{extra}"
     )
 
 
@@ -142,11 +219,13 @@ def _scenario_md(r: ScenarioResult, plot: Path | None, base: Path) -> list[str]:
     out += [f"Parameters: {params}.", ""]
     if r.skipped:
         return [*out, f"Skipped: {r.skipped}", ""]
-    out += [
-        f"| Contender | median {metric} | min-max | stagerd / this | peak RSS | peak scratch |"
-        + "".join(f" median {k} |" for k in r.columns),
-        "|---|---|---|---|---|---|" + "---|" * len(r.columns),
-    ]
+    cpu = "CPU s/GiB | server CPU s/GiB" if r.nbytes else "CPU s | server CPU s"
+    wall = " median wall s |" if r.metric != "seconds" else ""
+    head = (
+        f"| Contender | role | median {metric} | min-max | stagerd / this |{wall} {cpu} | "
+        "peak RSS | peak scratch |" + "".join(f" median {k} |" for k in r.columns)
+    )
+    out += [head, "|" + "---|" * head.count(" |")]
     out += [_contender_row(r, c) for c in r.contenders]
     out.append("")
     for c in r.checks:
@@ -160,6 +239,13 @@ def _scenario_md(r: ScenarioResult, plot: Path | None, base: Path) -> list[str]:
     return [*out, ""]
 
 
+def _flags(doc: dict[str, Any]) -> str:
+    flags = [" --quick"] if doc["quick"] else []
+    flags += [" --scale"] if doc.get("scale") else []
+    flags += [f" --s3 {doc['s3']}"] if doc["s3"] != "seaweedfs" else []
+    return "".join(flags)
+
+
 def markdown(
     doc: dict[str, Any], results: list[ScenarioResult], plots: dict[str, Path], base: Path
 ) -> str:
@@ -167,7 +253,7 @@ def markdown(
     out = [
         "# stagerd benchmarks",
         "",
-        f"Generated by `python -m bench.run{' --quick' if doc['quick'] else ''}` on "
+        f"Generated by `python -m bench.run{_flags(doc)}` on "
         f"{doc['started_at'][:19]}Z, commit `{doc['git_commit']}`: {host['cpus']} CPUs, "
         f"{fmt_bytes(host['memory_bytes'])} RAM, Python {host['python']}, S3 = {doc['s3']}, "
         f"{doc['rounds']} interleaved round(s) per contender, load average at start "
@@ -175,7 +261,14 @@ def markdown(
         "",
         "Ratios are stagerd's median divided by the peer's median over the same interleaved "
         "rounds (below 1 = stagerd is faster or smaller). Absolute times drift on this shared "
-        "machine; the ratios are the result.",
+        'machine; the ratios are the result. A target "vs fastest peer" divides by the '
+        "fastest contender of that scenario in this run, named in the label.",
+        "",
+        "Roles: *peer* does the job its own way; *verify* is a peer pipeline that also does "
+        "stagerd's verification (SHA-256 of every byte; MD5 of every byte on upload), the "
+        "baseline of the CPU target; *floor* touches no network. CPU is user + system seconds "
+        "of the contender's whole process tree (every process it started and reaped), per GiB "
+        "of archive; the S3 server's CPU over the same run is counted apart (server CPU).",
         "",
         "## Targets",
         "",
@@ -191,9 +284,14 @@ def markdown(
     out += ["", f"{doc['summary']['passed']} PASS, {doc['summary']['failed']} FAIL.", ""]
     if "summary" in plots:
         out += [f"![targets]({os.path.relpath(plots['summary'], base)})", ""]
+    others = [n for n in ("REPORT-scale.md", "REPORT-swift.md") if (base / n).exists()]
+    if others and not doc.get("scale") and doc["s3"] == "seaweedfs":
+        links = ", ".join(f"[{n}]({n})" for n in others)
+        out += [f"Other runs (`--scale`, `--s3 swift`), each its own report: {links}.", ""]
+    out += _beside_md(doc)
     for r in results:
         out += _scenario_md(r, plots.get(r.name), base)
-    if ANALYSIS.exists() and not doc["quick"]:
+    if ANALYSIS.exists() and not doc["quick"] and not doc.get("scale") and doc["s3"] == "seaweedfs":
         out += [ANALYSIS.read_text().strip(), ""]
     return "\n".join(out)
 

@@ -78,3 +78,71 @@ def ensure(target: S3Target) -> None:
 
 def _venv() -> str:
     return str(Path(sys.executable).parent.parent)
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes holding a listening TCP socket on *port* (any address), from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+            found = any(os.readlink(fd.path) in inodes for fd in fds)
+        except OSError:
+            continue
+        if found:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def server_pids(target: S3Target) -> tuple[int, ...]:
+    """The S3 server's processes, whose CPU the harness reports apart from the contenders'.
+
+    $BENCH_S3_SERVER_PIDS (comma-separated) when set; else whoever listens on the endpoint's
+    port (SeaweedFS: one ``weed server`` process holds master, volume, filer and S3 gateway),
+    plus, for the Swift all-in-one, every server of its instance (account, container and
+    object servers listen on ports of their own; build/swift.sh records their pids). Empty
+    when nothing is found locally (a remote endpoint): server CPU is then not reported.
+    """
+    if os.environ.get("BENCH_S3_SERVER_PIDS"):
+        return tuple(int(p) for p in os.environ["BENCH_S3_SERVER_PIDS"].split(",") if p)
+    parts = urlsplit(target.endpoint)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return ()
+    pids = set(listening_pids(parts.port or 80))
+    if target.name == "swift":
+        pids.update(_swift_instance_pids())
+    return tuple(sorted(pids))
+
+
+def _swift_instance_pids() -> list[int]:
+    envfile = Path(os.environ.get("STAGERD_SWIFT_DIR", "/tmp/stagerd-swift")) / "swift.env"
+    try:
+        data = next(
+            line.removeprefix("# data=")
+            for line in envfile.read_text().splitlines()
+            if line.startswith("# data=")
+        )
+    except (OSError, StopIteration):
+        return []
+    pids = []
+    for pidfile in Path(data, "run").glob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if Path(f"/proc/{pid}").exists():
+            pids.append(pid)
+    return pids

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "transfer",
     "gpu",
     "janitor",
+    "reconcile",
     "status",
     "doctor",
     "dlq",
@@ -101,10 +102,12 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     """Console entry point: run the app, turning StagerdError into one line and an exit code."""
+    from stagerd.log import redact
+
     try:
         app(prog_name="stagerd")
     except StagerdError as exc:
-        typer.echo(f"stagerd: error: {exc}", err=True)
+        typer.echo(f"stagerd: error: {redact(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("stagerd: interrupted", err=True)
@@ -115,5 +118,5 @@ def main() -> None:
         import logging
 
         logging.getLogger("stagerd").error("internal error", exc_info=True)
-        typer.echo(f"stagerd: internal error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"stagerd: internal error: {type(exc).__name__}: {redact(str(exc))}", err=True)
         sys.exit(1)

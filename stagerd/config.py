@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from stagerd.dsn import database_url, redis_url, url_passwords
+from stagerd.envfile import read_env_file
 from stagerd.errors import ConfigError
 from stagerd.units import parse_duration, parse_size
+
+__all__ = ["REDACTED", "S3Settings", "Settings", "read_env_file", "redact_url", "url_passwords"]
 
 DEFAULT_ENV_FILE = Path("/etc/stagerd/stagerd.env")
 MiB = 1024**2
@@ -79,8 +83,14 @@ class Settings:
     process_timeout: float = 4 * 3600.0
     max_attempts: int = 3
     max_members: int = 100_000
+    max_results: int = 1_000_000
+    max_result_bytes: int = 16 * MiB
+    process_scratch_allowance: int = 1 * GiB
     metrics_file: Path | None = None
     heartbeat_ttl: float = 60.0
+    # How long a worker keeps retrying the results commit (PostgreSQL unreachable) with
+    # the results held on scratch, before it exits and leaves them for its restart.
+    commit_retry: float = 3600.0
     worker_id: str = field(default_factory=socket.gethostname)
     env_file: Path | None = None
 
@@ -192,38 +202,16 @@ def _redact_conninfo(dsn: str) -> str:
     return " ".join(words)
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a systemd/dotenv style file: ``KEY=VALUE`` lines, ``#`` comments,
-    optional ``export`` and matching quotes. Raises ConfigError if unreadable or malformed."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"env file {path}: cannot read ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"env file {path}: not UTF-8 text") from None
-    values: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        line = line.removeprefix("export ").strip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.replace("_", "").isalnum():
-            raise ConfigError(f"env file {path}, line {lineno}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key] = value
-    return values
-
-
 def _pick_env_file(env: Mapping[str, str], explicit: Path | None) -> Path | None:
     if explicit is not None:
         return explicit
     if env.get("STAGERD_ENV_FILE"):
         return Path(env["STAGERD_ENV_FILE"])
-    return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
+    # The deployed file is root's (0600; systemd reads it for the services): a process that
+    # cannot read it already has its variables from systemd, so it is skipped, not an error.
+    if DEFAULT_ENV_FILE.is_file() and os.access(DEFAULT_ENV_FILE, os.R_OK):
+        return DEFAULT_ENV_FILE
+    return None
 
 
 @dataclass(frozen=True)
@@ -277,15 +265,6 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     return check
 
 
-def _database_url(text: str) -> str:
-    # libpq accepts URLs and key=value strings; reject only what is clearly neither.
-    if "://" in text:
-        return _url(("postgresql", "postgres"))(text)
-    if "=" not in text:
-        raise ValueError("must be a libpq URL (postgresql://...) or key=value string")
-    return text
-
-
 def _choice(*allowed: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         if text not in allowed:
@@ -313,8 +292,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_S3_MAX_ATTEMPTS", "s3_max_attempts", _bounded_int(1, 50)),
     _Spec("STAGERD_S3_CONNECT_TIMEOUT", "s3_connect_timeout", _positive(parse_duration)),
     _Spec("STAGERD_S3_READ_TIMEOUT", "s3_read_timeout", _positive(parse_duration)),
-    _Spec("REDIS_URL", "redis_url", _url(("redis", "rediss", "unix")), url_secret=True),
-    _Spec("DATABASE_URL", "database_url", _database_url, url_secret=True),
+    _Spec("REDIS_URL", "redis_url", redis_url, url_secret=True),
+    _Spec("DATABASE_URL", "database_url", database_url, url_secret=True),
     _Spec("STAGERD_SCRATCH_DIR", "scratch_dir", lambda text: Path(_nonempty(text))),
     _Spec("STAGERD_SCRATCH_BUDGET", "scratch_budget", _positive(parse_size)),
     _Spec("STAGERD_SCRATCH_HEADROOM", "scratch_headroom", parse_size),
@@ -326,8 +305,12 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_PROCESS_TIMEOUT", "process_timeout", _positive(parse_duration)),
     _Spec("STAGERD_MAX_ATTEMPTS", "max_attempts", _bounded_int(1, 1000)),
     _Spec("STAGERD_MAX_MEMBERS", "max_members", _bounded_int(1, 10_000_000)),
+    _Spec("STAGERD_MAX_RESULTS", "max_results", _bounded_int(1, 100_000_000)),
+    _Spec("STAGERD_MAX_RESULT_BYTES", "max_result_bytes", _positive(parse_size)),
+    _Spec("STAGERD_PROCESS_SCRATCH_ALLOWANCE", "process_scratch_allowance", parse_size),
     _Spec("STAGERD_METRICS_FILE", "metrics_file", lambda text: Path(_nonempty(text))),
     _Spec("STAGERD_HEARTBEAT_TTL", "heartbeat_ttl", _positive(parse_duration)),
+    _Spec("STAGERD_COMMIT_RETRY", "commit_retry", _positive(parse_duration)),
     _Spec("STAGERD_WORKER_ID", "worker_id", _nonempty),
 )
 

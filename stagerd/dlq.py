@@ -8,12 +8,12 @@ with one Lua script each, so a concurrent worker dead-lettering more jobs loses 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, cast
 
 from stagerd.errors import UsageError
+from stagerd.job import loads_untrusted
 from stagerd.keys import QueueKeys
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class DeadLetter:
     @classmethod
     def parse(cls, raw: bytes) -> DeadLetter:
         try:
-            data = json.loads(raw)
+            data = loads_untrusted(raw)
             if not isinstance(data, dict):
                 raise ValueError("not an object")
         except ValueError:

@@ -31,6 +31,8 @@ class Check:
     ok: bool
     detail: str
     hint: str = ""
+    # A risk worth acting on that does not fail the check (doctor still exits 0).
+    warn: bool = False
 
 
 def run_checks(settings: Settings, role: str = "gpu") -> list[Check]:
@@ -40,6 +42,8 @@ def run_checks(settings: Settings, role: str = "gpu") -> list[Check]:
     if s3_ok:
         checks.extend(check_s3(settings))
     checks.append(check_redis(settings))
+    if checks[-1].ok:
+        checks.append(check_redis_persistence(settings))
     if role in ("gpu", "janitor"):
         if settings.database_url:
             checks.append(check_postgres(settings))
@@ -93,8 +97,41 @@ def check_s3(settings: Settings) -> list[Check]:
         ]
     checks = [Check("s3.bucket", True, f"bucket {s3.bucket!r} reachable at {s3.endpoint}")]
     checks.append(_multipart_round_trip(client, s3.bucket, s3.endpoint))
+    checks.append(_part_limit(client, s3.bucket, s3.endpoint, settings.max_parts))
     checks.append(_checksum_mode(settings, s3.bucket))
     return checks
+
+
+def _part_limit(client: S3Client, bucket: str, endpoint: str, max_parts: int) -> Check:
+    """Does the server take part number STAGERD_MAX_PARTS? (Swift allows 1000 by default,
+    S3 10000; a refusal mid-upload wastes the parts before it.) A tiny part is enough:
+    part sizes are only checked at Complete, which the probe never sends."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.s3 import describe_client_error
+    from stagerd.s3hints import part_limit, server_message
+
+    key = f"stagerd-doctor/{uuid.uuid4().hex}"
+    upload_id = None
+    try:
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=max_parts, Body=b"x"
+        )
+    except (ClientError, BotoCoreError) as exc:
+        limit = part_limit(server_message(exc)[2])
+        fix = f"set STAGERD_MAX_PARTS={limit}" if limit else "lower STAGERD_MAX_PARTS"
+        return Check(
+            "s3.parts",
+            False,
+            f"part number {max_parts} refused: {describe_client_error(exc, bucket, endpoint)}",
+            fix,
+        )
+    finally:
+        if upload_id:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    return Check("s3.parts", True, f"part number {max_parts} accepted (STAGERD_MAX_PARTS)")
 
 
 def _multipart_round_trip(client: S3Client, bucket: str, endpoint: str) -> Check:
@@ -175,6 +212,52 @@ def check_redis(settings: Settings) -> Check:
             "redis", False, f"cannot reach {where}: {exc}", "check REDIS_URL and the network"
         )
     return Check("redis", True, f"{where} answers; {settings.queue} holds {depth} job(s)")
+
+
+REDIS_PERSISTENCE_HINT = (
+    "set `appendonly yes` and `appendfsync everysec` in redis.conf (see README: Reliability); "
+    "until then a Redis restart loses every queued job (`stagerd reconcile` re-enqueues them)"
+)
+
+
+def check_redis_persistence(settings: Settings) -> Check:
+    """Warn when Redis keeps nothing across a restart: the queue would vanish with it."""
+    import redis
+
+    from stagerd.queue import connect
+
+    try:
+        client = connect(settings.redis_url, retries=1)
+        aof, save = _redis_persistence(client)
+    except (redis.RedisError, OSError) as exc:
+        return Check("redis.persist", True, f"cannot tell ({exc})", REDIS_PERSISTENCE_HINT, True)
+    if aof:
+        return Check("redis.persist", True, "append-only file enabled")
+    if save:
+        return Check(
+            "redis.persist",
+            True,
+            f"RDB snapshots only (save {save}): a crash loses the jobs since the last one",
+            REDIS_PERSISTENCE_HINT,
+            True,
+        )
+    return Check(
+        "redis.persist", True, "no persistence (no AOF, no snapshots)", REDIS_PERSISTENCE_HINT, True
+    )
+
+
+def _redis_persistence(client: object) -> tuple[bool, str]:
+    """(AOF on, the ``save`` setting); INFO where CONFIG is not allowed (managed Redis)."""
+    import redis
+
+    assert isinstance(client, redis.Redis)
+    try:
+        config = client.config_get("appendonly")
+        save = client.config_get("save").get("save", "")
+        return config.get("appendonly") == "yes", str(save)
+    except redis.ResponseError:
+        info = client.info("persistence")
+        return bool(int(info.get("aof_enabled", 0))), ""
 
 
 def check_postgres(settings: Settings) -> Check:

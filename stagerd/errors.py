@@ -62,5 +62,29 @@ class ProcessorFailed(TransientError):
     """The processor exited non-zero or timed out."""
 
 
+class ProcessorContained(PermanentError):
+    """The processor broke a limit of its contract (disk allowance, volume headroom)."""
+
+
+class ResultsRejected(PermanentError):
+    """Results the ledger cannot hold: invalid, over a limit, or refused by PostgreSQL.
+
+    Permanent because the same results file would be refused again on every attempt."""
+
+
 class ServiceUnavailable(TransientError):
     """A backing service (S3, Redis, PostgreSQL) could not be reached."""
+
+
+class LeaseLost(StagerdError):
+    """This worker no longer holds the batch: recovery gave it to another worker (its
+    heartbeat expired) or a newer lease token reached the ledger first. The batch must be
+    abandoned at once: nothing committed, no queue transition, scratch released."""
+
+
+class BatchIdReused(PermanentError):
+    """An archive that differs (size or digest) from what its batch id already holds."""
+
+
+class WorkerIdInUse(StagerdError):
+    """Another live process on this host runs with the same worker id."""

@@ -110,10 +110,11 @@ def map_s3_error(exc: BaseException, bucket: str, key: str) -> StagerdError:
     text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     if code is None and is_transient(exc):
         return TransientError(f"reading {where} failed: {text}")
-    if code is not None and is_transient(exc):
-        return TransientError(f"reading {where} failed: {code} (HTTP {status})")
     if code is not None:
-        return PermanentError(f"reading {where} failed: {code} (HTTP {status})")
+        from stagerd.s3hints import explain
+
+        error = TransientError if is_transient(exc) else PermanentError
+        return error(f"reading {where} failed: {explain(exc)}")
     return TransientError(f"reading {where} failed: {text}")
 
 

@@ -9,6 +9,8 @@ explicit stack, because an extracted archive may nest deeper than Python's recur
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
 import stat
@@ -16,6 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OWNER_RWX = stat.S_IRWXU
+_SYS_FCHMODAT2 = 452  # Linux >= 6.6, same number on every architecture
+_AT_SYMLINK_NOFOLLOW = 0x100
 
 
 class LeftVolume(OSError):
@@ -35,12 +40,44 @@ def _names(fd: int) -> list[str]:
 
 
 def _open_subdir(name: str, parent_fd: int, seen: os.stat_result) -> int:
+    if seen.st_uid == os.geteuid() and seen.st_mode & _OWNER_RWX != _OWNER_RWX:
+        # A processor may leave a 0555 (or 0000) dir: without owner w+x nothing in it can
+        # be removed, and root's DAC override would hide that in tests. We own it, so we
+        # may give the owner its rights back, never through a symlink.
+        restore_owner_rwx(name, parent_fd, seen)
     fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     now = os.fstat(fd)
     if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
         os.close(fd)
         raise OSError(errno.ESTALE, f"{name!r} changed while walking it")
     return fd
+
+
+def restore_owner_rwx(name: str, parent_fd: int, seen: os.stat_result) -> None:
+    """Add u+rwx to the directory *name* (the inode *seen*) without following a link.
+
+    Tries, in order: an fd opened ``O_NOFOLLOW`` (needs read permission), then
+    ``fchmodat2(AT_SYMLINK_NOFOLLOW)``. Raises OSError if neither works."""
+    mode = stat.S_IMODE(seen.st_mode) | _OWNER_RWX
+    with contextlib.suppress(PermissionError):
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+                raise OSError(errno.ESTALE, f"{name!r} changed while walking it")
+            os.fchmod(fd, mode)
+            return
+        finally:
+            os.close(fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    done = libc.syscall(
+        ctypes.c_long(_SYS_FCHMODAT2), ctypes.c_int(parent_fd), os.fsencode(name),
+        ctypes.c_uint(mode), ctypes.c_int(_AT_SYMLINK_NOFOLLOW),
+    )  # fmt: skip
+    if done != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot restore u+rwx on {name!r}: {os.strerror(code)}")
 
 
 def _walk(

@@ -32,3 +32,15 @@ def validate_batch_id(batch_id: object) -> str:
 def archive_key(batch_id: str) -> str:
     """The seed's object key for a batch: ``archives/{batch_id}.tar``."""
     return f"archives/{validate_batch_id(batch_id)}.tar"
+
+
+# Where stagerd keeps each archive's size and SHA-256 next to it in the bucket: outside
+# ``archives/`` (whose keys are the seed's contract), and in S3 so it survives a Redis
+# data loss (``stagerd reconcile`` re-enqueues with it).
+DIGEST_PREFIX = "stagerd/digests/"
+
+
+def digest_key(batch_id: str) -> str:
+    """``stagerd/digests/{batch_id}.json``: ``{"batch_id", "size", "sha256", "etag",
+    "file_count", "enqueued"}``, written by ``transfer upload`` after the enqueue."""
+    return f"{DIGEST_PREFIX}{validate_batch_id(batch_id)}.json"

@@ -9,7 +9,10 @@ Parts, in order:
 4. multipart uploads (cluster): incomplete uploads under ``archives/`` older than the
    maximum age are aborted (Swift's S3 API has no lifecycle rules to do it);
 5. ledger (cluster, when ``DATABASE_URL`` is set): batches of the dead workers found in 3
-   are marked requeued, :func:`stagerd.db.requeue_stale_batches`.
+   are marked requeued, :func:`stagerd.db.requeue_stale_batches`;
+6. reconcile (cluster, when S3 and ``DATABASE_URL`` are set): archives whose jobs Redis
+   lost are re-enqueued, :func:`stagerd.reconcile.reconcile` (under the cluster lock, so
+   on one host at a time).
 
 Two janitors never overlap: a file lock under ``root/.stagerd/`` guards the local parts
 (the loser exits 0), a Redis key with a TTL guards the cluster parts (the loser skips them).
@@ -73,6 +76,7 @@ class JanitorReport:
     dead_lettered: list[str] = field(default_factory=list)
     aborted_uploads: list[str] = field(default_factory=list)
     ledger_requeued: list[str] = field(default_factory=list)
+    reenqueued: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -90,6 +94,7 @@ class JanitorReport:
             "dead_lettered": self.dead_lettered,
             "aborted_uploads": self.aborted_uploads,
             "errors": self.errors,
+            "reenqueued": self.reenqueued,
         }
 
     def skip(self, part: str, why: str) -> None:
@@ -174,6 +179,8 @@ def _cluster_parts(
         dead_workers = _queue_part(client, keys, settings, options, report)
         _uploads_part(settings, options, report, clock)
         _ledger_part(settings, options, dead_workers, report)
+        if client is not None:
+            _reconcile_part(settings, options, client, report)
 
 
 @contextmanager
@@ -325,3 +332,35 @@ def _ledger_part(
     except (psycopg.Error, OSError, StagerdError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         report.fail("ledger", f"postgres: {first}")
+
+
+def _reconcile_part(
+    settings: Settings, options: JanitorOptions, client: redis.Redis, report: JanitorReport
+) -> None:
+    if not settings.database_url:
+        report.skip("reconcile", "DATABASE_URL not set")
+        return
+    try:
+        s3 = settings.require_s3()
+    except ConfigError as exc:
+        report.skip("reconcile", str(exc))
+        return
+    import psycopg
+    import redis as redis_lib
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.reconcile import LedgerNotMigrated, ReconcileOptions, reconcile
+    from stagerd.s3 import describe_client_error, get_s3_client
+
+    try:
+        done = reconcile(
+            settings, ReconcileOptions(dry_run=options.dry_run), s3=get_s3_client(s3), client=client
+        )
+    except LedgerNotMigrated as exc:
+        report.skip("reconcile", str(exc))
+    except (BotoCoreError, ClientError) as exc:
+        report.fail("reconcile", describe_client_error(exc, s3.bucket, s3.endpoint))
+    except (redis_lib.RedisError, psycopg.Error, OSError, StagerdError) as exc:
+        report.fail("reconcile", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    else:
+        report.reenqueued = done.reenqueued

@@ -20,6 +20,10 @@ from stagerd.ids import archive_key, validate_batch_id
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KNOWN = ("batch_id", "s3_key", "file_count", "transferred_at", "size", "sha256")
 MAX_PAYLOAD_BYTES = 64 * 1024
+# The seed's payload is flat; a little nesting in producers' extra fields is fine, but
+# the C decoder recurses per level, so depth is bounded before decoding (a 64 KiB payload
+# of brackets would otherwise raise RecursionError, which escaped as a worker crash).
+MAX_PAYLOAD_DEPTH = 32
 
 
 def utc_now_iso() -> str:
@@ -63,13 +67,21 @@ class Job:
         """Parse and validate a payload. Raises :class:`InvalidJob` with the reason."""
         if len(raw) > MAX_PAYLOAD_BYTES:
             raise InvalidJob(f"payload is {len(raw)} bytes (at most {MAX_PAYLOAD_BYTES})")
+        depth = json_depth(raw)
+        if depth > MAX_PAYLOAD_DEPTH:
+            raise InvalidJob(f"payload nests {depth} levels deep (at most {MAX_PAYLOAD_DEPTH})")
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidJob(f"payload is not JSON: {exc}") from None
+        except Exception as exc:  # RecursionError too: every decoder failure is the payload's
+            raise InvalidJob(f"payload is not JSON: {_first_line(exc)}") from exc
         if not isinstance(data, dict):
             raise InvalidJob(f"payload must be a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except InvalidJob:
+            raise
+        except Exception as exc:  # a payload must never crash its consumer
+            raise InvalidJob(f"payload rejected: {_first_line(exc)}") from exc
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -80,7 +92,7 @@ class Job:
         try:
             batch_id = validate_batch_id(data["batch_id"])
         except InvalidBatchId as exc:
-            raise InvalidJob(str(exc)) from None
+            raise InvalidJob(str(exc)) from exc
         s3_key = data["s3_key"]
         if s3_key != archive_key(batch_id):
             raise InvalidJob(
@@ -114,6 +126,52 @@ class Job:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+
+def loads_untrusted(raw: str | bytes) -> Any:
+    """``json.loads`` for queue data others wrote (pending, processing and dead lists):
+    raises ValueError, and only ValueError, for anything that is not JSON, including
+    nesting deeper than MAX_PAYLOAD_DEPTH (the decoder recurses: RecursionError)."""
+    depth = json_depth(raw)
+    if depth > MAX_PAYLOAD_DEPTH:
+        raise ValueError(f"nests {depth} levels deep (at most {MAX_PAYLOAD_DEPTH})")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise
+    except Exception as exc:  # RecursionError, MemoryError: still just "not JSON"
+        raise ValueError(_first_line(exc)) from exc
+
+
+def json_depth(raw: str | bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings; linear, never recursive."""
+    text = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    if text.count(b"[") + text.count(b"{") <= MAX_PAYLOAD_DEPTH:
+        return 0  # the common flat payload: cannot exceed the bound, skip the scan
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _optional_int(data: dict[str, Any], name: str) -> int | None:

@@ -11,6 +11,7 @@ With the default queue ``queue:unpack``:
 - ``queue:unpack:enqueued``              hash batch_id -> sha256 of the enqueued archive
                                          (transfer's exactly-once marker)
 - ``queue:unpack:phase:{worker}``        hash batch_id -> phase/started_at JSON (for status)
+- ``queue:unpack:epoch``                 lease epoch: INCR at every pickup (fencing tokens)
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class QueueKeys:
     @property
     def enqueued(self) -> str:
         return f"{self.queue}:enqueued"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.queue}:epoch"
 
     def processing(self, worker: str) -> str:
         return f"{self.queue}:processing:{worker}"

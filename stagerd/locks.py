@@ -15,12 +15,20 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
 
 from stagerd.errors import ScratchUnavailable
+from stagerd.fstree import restore_owner_rwx
+from stagerd.log import get_logger
 
+log = get_logger(__name__)
+
+# A lock wait longer than this is logged (then every LOG_EVERY seconds), with the holder.
+LOG_AFTER = 5.0
+LOG_EVERY = 30.0
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN)
 
@@ -50,7 +58,25 @@ def try_lock_entry(name: str | Path, dir_fd: int | None = None) -> int | None:
     The caller owns the returned fd (closing it drops the lock). Raises OSError when the
     entry cannot be opened (ELOOP for a symlink, ENOENT if it vanished).
     """
-    fd = open_nofollow(name, dir_fd)
+    try:
+        fd = open_nofollow(name, dir_fd)
+    except PermissionError:
+        # A dir a processor made unreadable (0000/0333): ours, so give the owner back its
+        # rights (never through a link), then open it like any other.
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise
+        parent = (
+            dir_fd
+            if dir_fd is not None
+            else os.open(os.path.dirname(os.path.abspath(name)), os.O_RDONLY | os.O_DIRECTORY)
+        )
+        try:
+            restore_owner_rwx(os.path.basename(name), parent, st)
+        finally:
+            if dir_fd is None:
+                os.close(parent)
+        fd = open_nofollow(name, dir_fd)
     try:
         if try_flock(fd):
             return fd
@@ -76,6 +102,15 @@ def is_locked(path: Path) -> bool:
         return True
     os.close(fd)
     return False
+
+
+def _write_pid(fd: int) -> None:
+    """Leave our pid in the lock file so a waiter can say who holds it (best effort)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
 
 
 class FileLock:
@@ -104,14 +139,44 @@ class FileLock:
             os.close(fd)
             raise
         self._fd = fd
+        _write_pid(fd)
         return True
 
+    def holder(self) -> int | None:
+        """The pid the current holder wrote into the lock file (None if unknown)."""
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
     def _wait(self, fd: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        """Poll for the lock; a long wait is logged with the holder's pid (a stopped
+        janitor, a hung worker), and again every LOG_EVERY seconds."""
+        started = time.monotonic()
+        logged_at: float | None = None
         while not try_flock(fd):
-            if time.monotonic() >= deadline:
-                raise ScratchUnavailable(f"lock {self.path} still held after {timeout:g}s")
+            now = time.monotonic()
+            if now - started >= timeout:
+                raise ScratchUnavailable(
+                    f"lock {self.path} still held after {timeout:g}s{self._by()}"
+                )
+            if now - started >= LOG_AFTER and (logged_at is None or now - logged_at >= LOG_EVERY):
+                logged_at = now
+                log.warning(
+                    "waiting %.0fs for lock %s%s",
+                    now - started,
+                    self.path,
+                    self._by(),
+                    extra={"event": "lock_wait", "lock": str(self.path), "pid": self.holder()},
+                )
             time.sleep(0.01)
+        if logged_at is not None:
+            log.info("got lock %s after %.1fs", self.path, time.monotonic() - started)
+
+    def _by(self) -> str:
+        pid = self.holder()
+        return f" (held by pid {pid})" if pid else ""
 
     def release(self) -> None:
         if self._fd is not None:

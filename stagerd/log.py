@@ -40,7 +40,9 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 payload[key] = value
         if record.exc_info and record.levelno >= logging.ERROR:
-            payload["exc"] = self.formatException(record.exc_info)
+            # Library exception text (a DSN echoed by a parser, say) rides in tracebacks:
+            # the filter ran before formatting, so redact the rendered trace here.
+            payload["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(payload, default=str, ensure_ascii=False)
 
 
@@ -77,6 +79,13 @@ class RedactingFilter(logging.Filter):
                     clean = clean.replace(secret, REDACTED)
                 setattr(record, key, clean)
         return True
+
+
+def redact(text: str) -> str:
+    """*text* with every registered secret value masked (for reasons stored elsewhere)."""
+    for secret in RedactingFilter.secrets:
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def setup_logging(level: str = "info", json_mode: bool | None = None) -> None:

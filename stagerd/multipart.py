@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stagerd.errors import PermanentError
+from stagerd.errors import BatchIdReused, PermanentError
 from stagerd.log import get_logger
 from stagerd.multipart_types import (
     PART_SIZE_META,
@@ -70,6 +70,9 @@ __all__ = [
 log = get_logger(__name__)
 # A file this small is read into memory and sent in one request (see the contract above).
 SINGLE_PUT_MAX = 16 * 1024 * 1024
+# Concurrent runs of one file can make each other's uploads vanish; each round re-lists,
+# so a few rounds settle any realistic race without looping on a server that misbehaves.
+VANISHED_ROUNDS = 4
 
 
 def upload_file(
@@ -108,20 +111,31 @@ class _Uploader:
             done = self._existing_object()
             if done is not None:
                 return done
+            if self.opts.keep_existing:
+                self._refuse_if_present()
         if len(self.parts) == 1 and self.state.size <= SINGLE_PUT_MAX:
             return self._put_whole()
-        upload_id, listed = self._find_resumable()
-        try:
-            return self._upload(upload_id, listed)
-        except PermanentError as exc:
-            if not no_such_upload(exc):
-                raise
-            # A concurrent run for the same file completed (or aborted) the upload we
-            # were adding parts to: accept its object if it matches, else start over.
+        for _ in range(VANISHED_ROUNDS - 1):
+            try:
+                return self._resume_or_start()
+            except PermanentError as exc:
+                if not no_such_upload(exc):
+                    raise
+            # A concurrent run for the same file completed (or aborted) the upload we were
+            # listing or adding parts to, at any step from ListParts to Complete: accept
+            # its object if it matches, else look again (it may have started a newer one).
             log.info(
                 "upload of s3://%s/%s vanished; checking the object", self.t.bucket, self.t.key
             )
-            return self._existing_object() or self._upload(None, {})
+            done = self._existing_object()
+            if done is not None:
+                return done
+        return self._resume_or_start()
+
+    def _resume_or_start(self) -> UploadResult:
+        upload_id, listed = self._find_resumable()
+        try:
+            return self._upload(upload_id, listed)
         except StaleUpload as why:
             assert upload_id is not None
             log.warning(
@@ -167,6 +181,18 @@ class _Uploader:
             uploaded_bytes=0,
             resumed_bytes=self.state.size,
             already_complete=True,
+        )
+
+    def _refuse_if_present(self) -> None:
+        """Batch ids are immutable: an object that is not this file is never overwritten."""
+        head = self._head()
+        if head is None:
+            return
+        raise BatchIdReused(
+            f"batch id already holds a different archive: s3://{self.t.bucket}/{self.t.key} is "
+            f"{head.get('ContentLength')} bytes and differs from {self.path} "
+            f"({self.state.size} bytes); nothing was changed (--force replaces it and the "
+            "batch is processed again)"
         )
 
     def _head(self) -> dict[str, Any] | None:

@@ -44,6 +44,8 @@ class UploadOptions:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     metadata: Mapping[str, str] = field(default_factory=dict)
     force: bool = False  # re-send even if the object is already complete and matching
+    # Refuse (BatchIdReused) rather than overwrite an object that differs from the file.
+    keep_existing: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stagerd.errors import ServiceUnavailable
+from stagerd.errors import ConfigError, ServiceUnavailable
 from stagerd.retry import RetryPolicy, is_transient
 
 if TYPE_CHECKING:
@@ -45,6 +45,11 @@ def connect(
             )
         except psycopg.OperationalError as exc:
             raise ServiceUnavailable(f"PostgreSQL unreachable: {first_line(exc)}") from None
+        except psycopg.ProgrammingError:
+            # libpq's parser quotes the text it refuses (a password, say): name, not value.
+            raise ConfigError(
+                "DATABASE_URL: libpq cannot parse it (percent-encode special characters)"
+            ) from None
 
     return policy.call(attempt, what="connect to PostgreSQL")
 

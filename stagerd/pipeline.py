@@ -6,10 +6,21 @@ one is processed (prefetch, :mod:`stagerd.prefetch`). Every failure ends in exac
 queue transition, decided here:
 
 - shutdown (``stop`` / ``kill`` set): back to the HEAD of pending, the attempt refunded;
+- the worker itself cannot work (scratch root gone, a service not answering: asked of
+  :class:`~stagerd.health.WorkerHealth` after the failure): back to the head, the attempt
+  refunded, and the worker pauses until it recovers;
 - permanent error (poison payload, corrupt archive, over budget): dead-letter at once;
 - transient error: :meth:`ReliableQueue.retry_or_dead` (dead after STAGERD_MAX_ATTEMPTS);
-- an unexpected exception propagates: the job stays in this worker's processing list and
-  the restarted worker takes it back.
+- any other exception inside a batch's steps is that batch's: it is dead-lettered with the
+  exception's type and first line, and the worker goes on. Only the queue edge itself
+  (Redis gone for longer than SERVICE_POLICY rides out) still ends the process.
+
+A worker killed outright (SIGKILL, OOM) leaves its phase in the trail
+(:mod:`stagerd.trail`); the next pickup of that job reports the attempt that died and its
+phase, and dead-letters with that reason once STAGERD_MAX_ATTEMPTS is reached.
+
+A lease lost (:mod:`stagerd.lease`) abandons the batch at once: processor stopped, scratch
+released, nothing committed, no queue or ledger transition (it is another worker's now).
 """
 
 from __future__ import annotations
@@ -18,20 +29,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stagerd.errors import ScratchUnavailable, StagerdError
+from stagerd import trail
+from stagerd.errors import LeaseLost, ScratchUnavailable, ServiceUnavailable, StagerdError
+from stagerd.health import WorkerHealth, brief
+from stagerd.lease import Fence, LeaseBook, current_progress
 from stagerd.log import get_logger
+from stagerd.resume import commit_with_retry
 from stagerd.retry import RetryPolicy, is_transient
 from stagerd.shutdown import ShutdownGuard
 
 if TYPE_CHECKING:
     from stagerd.config import Settings
-    from stagerd.db import Ledger
+    from stagerd.db import BatchRow, Ledger
     from stagerd.job import Job
     from stagerd.metrics import Metrics
-    from stagerd.processor import Processor
+    from stagerd.processor import Processor, ProcessOutcome
     from stagerd.queue import Delivery, ReliableQueue
+    from stagerd.results import ResultLimits
     from stagerd.scratch import Reservation, ScratchManager
     from stagerd.stage import ArchiveHead, StageResult
 
@@ -77,16 +94,14 @@ class Staged:
     job: Job
     reservation: Reservation
     result: StageResult
+    fence: Fence
+    # Results a previous run of this worker processed but could not commit (resume.py).
+    processed: ProcessOutcome | None = None
 
 
-def _handled(exc: BaseException) -> bool:
-    """Errors a batch may end with; anything else is a bug and ends the process."""
+def _expected(exc: BaseException) -> bool:
+    """Errors stagerd raises on purpose; anything else is unexpected but still the batch's."""
     return isinstance(exc, StagerdError) or is_transient(exc)
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class BatchSteps:
@@ -103,6 +118,8 @@ class BatchSteps:
         s3: Any,
         metrics: Metrics | None = None,
         guard: ShutdownGuard | None = None,
+        health: WorkerHealth | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         # The worker's: once it is stopping, service calls are bounded (stagerd.shutdown).
@@ -113,6 +130,10 @@ class BatchSteps:
         self.scratch = scratch
         self.s3 = s3
         self.metrics = metrics
+        self.health = health
+        # The worker's stop: ends a pause even when the caller only passed ``kill``.
+        self.stop = stop or threading.Event()
+        self.leases = LeaseBook()
 
     # --- queue edge ---------------------------------------------------------------
 
@@ -127,6 +148,26 @@ class BatchSteps:
 
     def set_phase(self, d: Delivery, phase: str) -> None:
         self._redis(lambda: self.queue.set_phase(d, phase), "queue set_phase")
+        if d.batch_id is not None:
+            batch_id = d.batch_id
+            self._redis(
+                lambda: trail.mark(
+                    self.queue.client, self.queue.keys, batch_id, phase, d.attempt,
+                    self.config.worker_id,
+                ),
+                "queue trail",
+            )  # fmt: skip
+
+    def _clear_trail(self, d: Delivery) -> None:
+        if d.batch_id is not None:
+            batch_id = d.batch_id
+            self._redis(
+                lambda: trail.clear(self.queue.client, self.queue.keys, batch_id), "queue trail"
+            )
+
+    def ack(self, d: Delivery) -> None:
+        self._clear_trail(d)
+        self._redis(lambda: self.queue.ack(d), "queue ack")
 
     # --- staging half -------------------------------------------------------------
 
@@ -134,35 +175,27 @@ class BatchSteps:
         self, d: Delivery, stop: threading.Event, may_wait: Callable[[], bool]
     ) -> Staged | None:
         """Validate, record and stage *d*. None when the job ended here (skipped, failed,
-        requeued on shutdown). *may_wait*: whether waiting for budget can end by itself
-        (another batch of this worker will release its reservation)."""
+        requeued on shutdown, lease lost). *may_wait*: whether waiting for budget can end
+        by itself (another batch of this worker will release its reservation)."""
         job = self._validate(d)
         if job is None:
             return None
         self.set_phase(d, "staging")
-        if not self.ledger.begin(
-            job.batch_id, job.s3_key, worker=self.config.worker_id, sha256=job.sha256
-        ):
-            log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
-            self._redis(lambda: self.queue.ack(d), "queue ack")
-            return None
+        fence: Fence | None = None
         reservation: Reservation | None = None
         try:
-            head = self._head(job, stop)
-            reservation = self._reserve(job, head.size, stop, may_wait)
-            result = self._stage_into(job, reservation, head, stop)
-        except Exception as exc:
-            if not _handled(exc):
-                raise
-            keep = False
-            try:
-                keep = self._end_failed(d, exc, "staging", stop)
-            finally:
-                # Also when ending the job failed (a stopping worker left it for recovery).
-                if reservation is not None:
-                    reservation.release(remove=not keep)
-            return None
-        try:
+            claimed = self._claim(d, job)
+            if claimed is None:
+                return None
+            d = claimed
+            fence = Fence(stop)
+            self.leases.hold(d, fence)
+            resumed = self._resume(d, job, fence)
+            if resumed is not None:
+                return resumed
+            head = self._head(job, fence)
+            reservation = self._reserve(job, head.size, fence, may_wait)
+            result = self._stage_into(job, reservation, head, fence)
             self.ledger.mark_processing(
                 job.batch_id,
                 archive_bytes=result.archive_bytes,
@@ -170,11 +203,111 @@ class BatchSteps:
                 file_count=result.file_count,
                 sha256=result.sha256,
                 stage_seconds=result.seconds,
+                lease=d.lease or None,
             )
-        except BaseException:
-            reservation.release()
-            raise
-        return Staged(d, job, reservation, result)
+        except Exception as exc:
+            log.debug("batch %s: staging raised", d.batch_id, exc_info=True)
+            if fence is not None:
+                self.leases.drop(fence)
+            keep = False
+            try:
+                keep = self._end_failed(d, exc, "staging", fence or stop)
+            finally:
+                # Also when ending the job failed (a stopping worker left it for recovery).
+                if reservation is not None:
+                    reservation.release(remove=not keep)
+            return None
+        return Staged(d, job, reservation, result, fence)
+
+    def _claim(self, d: Delivery, job: Job) -> Delivery | None:
+        """Claim the batch in the ledger with *d*'s lease token: the delivery to go on
+        with (its token may be renewed), or None when the job ended here."""
+        renewed = replaced = False
+        while True:
+            try:
+                if self._begin(d, job):
+                    return d
+                if not replaced and self._replace(d, job):
+                    replaced = True
+                    continue
+                self._already_done(d, job)
+                return None
+            except LeaseLost as exc:
+                # Still in our processing list: nobody recovered it, so a refused token
+                # means Redis lost its epoch counter (restart without persistence). Raise
+                # the epoch past the ledger's and claim again, once.
+                if renewed or not self._redis(partial(self.queue.holds, d), "queue holds"):
+                    self._abandon(d, str(exc))
+                    return None
+                renewed = True
+                renew = partial(self.queue.new_lease, d, self.ledger.max_lease())
+                d = self._redis(renew, "queue lease")
+
+    def _resume(self, d: Delivery, job: Job, fence: Fence) -> Staged | None:
+        """This worker's previous run processed the batch but could not commit: adopt its
+        scratch dir and go straight to the commit (the processor does not run again)."""
+        from stagerd.resume import find_processed
+
+        found = find_processed(self.scratch, job, self.config.worker_id, self._result_limits())
+        if found is None:
+            return None
+        reservation, result, outcome = found
+        log.warning(
+            "batch %s was processed by this worker's previous run but not committed: "
+            "committing its results without running the processor again",
+            job.batch_id,
+            extra={**_ctx(d), "event": "commit_resumed"},
+        )
+        return Staged(d, job, reservation, result, fence, processed=outcome)
+
+    def _replace(self, d: Delivery, job: Job) -> bool:
+        """A ``transfer upload --force`` job for a done batch whose archive changed: the
+        old results are deleted and the batch reopened (True), to be processed again."""
+        if job.extra.get("replace") is not True or not job.sha256:
+            return False
+        if not self.ledger.reopen(job.batch_id, sha256=job.sha256, size=job.size):
+            return False
+        log.warning(
+            "batch %s was replaced by a new archive (--force): old results deleted, "
+            "processing it again",
+            job.batch_id,
+            extra={**_ctx(d), "event": "batch_replaced"},
+        )
+        return True
+
+    def _begin(self, d: Delivery, job: Job) -> bool:
+        return self.ledger.begin(
+            job.batch_id,
+            job.s3_key,
+            worker=self.config.worker_id,
+            sha256=job.sha256,
+            lease=d.lease or None,
+            size=job.size,
+        )
+
+    def _already_done(self, d: Delivery, job: Job) -> None:
+        """The batch is done: ack, unless this job names a different archive (the batch id
+        was reused), which is dead-lettered with the reason instead."""
+        row = self.ledger.batch(job.batch_id)
+        differs = _differs(job, row.sha256 if row else None, _done_size(row))
+        if differs:
+            reason = f"batch id reused: {differs}; the done batch keeps its results"
+            log.error("dead-lettering %s: %s", job.batch_id, reason, extra=_ctx(d))
+            self._clear_trail(d)
+            self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
+            self._record(job.batch_id, reason, "dead", d, "validate")
+            return
+        log.info("batch %s is already done; acknowledging", job.batch_id, extra=_ctx(d))
+        self.ack(d)
+
+    def _abandon(self, d: Delivery, why: str) -> None:
+        """Lease lost: the batch is another worker's now; do nothing more with it."""
+        log.error(
+            "abandoning batch %s: %s (nothing committed, no queue transition)",
+            d.batch_id,
+            why,
+            extra={**_ctx(d), "lease": d.lease, "event": "lease_abandoned"},
+        )
 
     def _validate(self, d: Delivery) -> Job | None:
         if d.job is None:
@@ -183,14 +316,33 @@ class BatchSteps:
             self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
             self._record(None, reason, "dead", d, "validate")
             return None
+        died = self._previous_died(d)
         max_attempts = self.settings.max_attempts
         if d.attempt > max_attempts:
-            # Only a worker that died mid-job leaves an attempt unfinished: stop the loop.
-            reason = f"attempt {d.attempt} exceeds STAGERD_MAX_ATTEMPTS={max_attempts}"
+            # Only a worker that died mid-job leaves an attempt unfinished: stop the loop,
+            # saying where the previous attempts died when the trail knows.
+            cause = died.describe() if died else "the previous attempt never finished"
+            reason = f"{cause}; STAGERD_MAX_ATTEMPTS={max_attempts} attempts used up"
+            log.error("batch %s dead: %s", d.batch_id, reason, extra=_ctx(d))
             self._redis(lambda: self.queue.dead_letter(d, reason), "queue dead_letter")
-            self._record(d.job.batch_id, reason, "dead", d, "validate")
+            self._record(d.job.batch_id, reason, "dead", d, died.phase if died else "validate")
             return None
         return d.job
+
+    def _previous_died(self, d: Delivery) -> trail.Died | None:
+        """Report (log + stagerd_failures) an earlier attempt of *d* that never ended."""
+        batch_id = d.batch_id
+        if batch_id is None:
+            return None
+        died = self._redis(
+            lambda: trail.take_died(self.queue.client, self.queue.keys, batch_id, d.attempt),
+            "queue trail",
+        )
+        if died is not None:
+            reason = f"{died.describe()} (the process was killed or crashed)"
+            log.warning("batch %s: %s", batch_id, reason, extra=_ctx(d))
+            self._record(batch_id, reason, "died", d, died.phase, attempt=died.attempt)
+        return died
 
     def _head(self, job: Job, stop: threading.Event) -> ArchiveHead:
         """Size and ETag of the archive: the reservation's size and the staging's pin."""
@@ -252,34 +404,45 @@ class BatchSteps:
 
     def process(self, staged: Staged, processor: Processor, kill: threading.Event) -> None:
         """Process, commit results + done, ack; the reservation is released in every path."""
-        from stagerd.processor import ProcessRequest
-
-        d, path = staged.delivery, staged.reservation.path
+        d, fence = staged.delivery, staged.fence
+        # From here on the worker's *kill* (drain timeout), not its stop, ends the work,
+        # and its polls are the processor thread's progress.
+        fence.parent = kill
+        fence.progress = current_progress()
         keep = False
+        phase = "processing"
         try:
-            self.set_phase(d, "processing")
-            request = ProcessRequest(
-                batch_id=staged.job.batch_id,
-                batch_dir=path,
-                input_dir=path / "input",
-                results_path=path / "results.jsonl",
-            )
+            self.set_phase(d, phase)
+            outcome = staged.processed
+            if outcome is None:
+                try:
+                    outcome = self._run_processor(staged, processor)
+                except Exception as exc:
+                    log.debug("batch %s: processing raised", d.batch_id, exc_info=True)
+                    keep = self._end_failed(d, exc, phase, fence)
+                    return
+                if outcome is None:  # the lease was lost while processing: abandoned
+                    return
+            phase = "committing"
             try:
-                outcome = processor.run(request, timeout=self.config.process_timeout, stop=kill)
-            except Exception as exc:
-                if not _handled(exc):
-                    raise
-                keep = self._end_failed(d, exc, "processing", kill)
+                self.set_phase(d, phase)
+                committing = time.monotonic()
+                written = self._commit(staged, outcome)
+            except LeaseLost as exc:
+                self._abandon(d, str(exc))
                 return
-            self.set_phase(d, "committing")
-            committing = time.monotonic()
-            written = self.ledger.commit_results(
-                staged.job.batch_id,
-                outcome.results,
-                process_seconds=outcome.seconds,
-                worker=self.config.worker_id,
-            )
-            self._redis(lambda: self.queue.ack(d), "queue ack")
+            except ServiceUnavailable:
+                # Out of retry budget or shutting down: the results stay on scratch and the
+                # job in our processing list, for this worker's restart to commit.
+                keep = True
+                if kill.is_set() or self.stop.is_set():
+                    return
+                raise
+            except Exception as exc:
+                log.debug("batch %s: committing raised", d.batch_id, exc_info=True)
+                keep = self._end_failed(d, exc, phase, fence)
+                return
+            self.ack(d)
             self._observe(
                 "done",
                 archive_bytes=staged.result.archive_bytes,
@@ -295,27 +458,93 @@ class BatchSteps:
                 extra={**_ctx(d), "process_seconds": round(outcome.seconds, 3)},
             )
         finally:
+            self.leases.drop(fence)
             staged.reservation.release(remove=not keep)
+
+    def _run_processor(self, staged: Staged, processor: Processor) -> ProcessOutcome | None:
+        """Run the processor and leave the resume marker; None when the lease was lost
+        meanwhile (the batch is abandoned). Raises what the processor raised."""
+        from stagerd.diskguard import DiskGuard
+        from stagerd.processor import ProcessRequest
+        from stagerd.resume import mark_processed
+
+        d, path, fence = staged.delivery, staged.reservation.path, staged.fence
+        request = ProcessRequest(
+            batch_id=staged.job.batch_id,
+            batch_dir=path,
+            input_dir=path / "input",
+            results_path=path / "results.jsonl",
+            guard=DiskGuard(
+                self.scratch, staged.reservation, self.settings.process_scratch_allowance
+            ),
+        )
+        outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
+        if fence.lost:
+            self._abandon(d, "lease lost while processing")
+            return None
+        mark_processed(path, self.config.worker_id, staged.result, outcome)
+        return outcome
+
+    def _commit(self, staged: Staged, outcome: ProcessOutcome) -> bool:
+        """Results + done in one transaction, retried through a PostgreSQL outage
+        (STAGERD_COMMIT_RETRY). Invalid or over-limit results (ours or PostgreSQL's
+        verdict) raise ResultsRejected, a permanent error: the batch ends on this attempt."""
+        return commit_with_retry(
+            self.ledger,
+            staged.job.batch_id,
+            outcome,
+            worker=self.config.worker_id,
+            lease=staged.delivery.lease or None,
+            retry_for=self.settings.commit_retry,
+            fence=staged.fence,
+        )
+
+    def _result_limits(self) -> ResultLimits:
+        from stagerd.results import ResultLimits
+
+        return ResultLimits(self.settings.max_results, self.settings.max_result_bytes)
 
     # --- endings ------------------------------------------------------------------
 
     def requeue(self, d: Delivery, reason: str) -> None:
         """Shutdown/prefetch hand-back: to the head of pending, attempt not counted."""
         # Handing a job back is not a failed attempt; keep STAGERD_MAX_ATTEMPTS honest.
+        # Trail first: once the job is back in pending another worker may pick it up, and
+        # must not read our orderly hand-back as a death.
+        self._clear_trail(d)
         self._redis(lambda: self.queue.requeue(d, front=True, refund=True), "queue requeue")
         if d.batch_id is not None:
-            self.ledger.mark_requeued(d.batch_id, reason)
+            try:
+                self.ledger.mark_requeued(d.batch_id, reason, lease=d.lease or None)
+            except StagerdError as exc:  # the hand-back happened; the ledger may be down
+                log.warning("could not mark %s requeued: %s", d.batch_id, brief(exc))
         log.info("requeued %s at the head: %s", d.batch_id, reason, extra=_ctx(d))
 
     def _end_failed(
         self, d: Delivery, exc: BaseException, phase: str, interrupted: threading.Event
     ) -> bool:
         """Carry out the ending of a failed job; True if its scratch dir should be kept."""
-        if interrupted.is_set():
+        if (isinstance(interrupted, Fence) and interrupted.lost) or isinstance(exc, LeaseLost):
+            self._abandon(d, f"lease lost during {phase}")
+            return False
+        if interrupted.is_set() or self.stop.is_set():
             self.requeue(d, f"worker shutting down during {phase}")
             return False
-        reason = f"{phase} failed: {_brief(exc)}"
+        problem = self.health.problem() if self.health is not None else None
+        if problem is not None:
+            # Not this batch's fault: hand it back unharmed and wait for the worker to heal.
+            self.requeue(d, f"worker cannot work ({problem}); {phase} abandoned")
+            assert self.health is not None
+            self.health.pause(problem, self.stop)
+            return False
+        if _expected(exc):
+            reason = f"{phase} failed: {brief(exc)}"
+        else:
+            # A bug met this batch's data: end the batch, keep the worker, keep the trace.
+            reason = f"{phase} failed unexpectedly: {brief(exc)}"
+            log.error("batch %s: %s", d.batch_id, reason, exc_info=exc, extra=_ctx(d))
         permanent = not is_transient(exc)
+        self._clear_trail(d)  # before the transition, as in requeue()
         outcome = self._redis(
             lambda: self.queue.retry_or_dead(d, reason, permanent=permanent), "queue retry"
         )
@@ -339,20 +568,49 @@ class BatchSteps:
             log.warning("cannot write metrics to %s: %s", self.metrics.path, exc)
 
     def _record(
-        self, batch_id: str | None, reason: str, outcome: str, d: Delivery, phase: str
+        self,
+        batch_id: str | None,
+        reason: str,
+        outcome: str,
+        d: Delivery,
+        phase: str,
+        attempt: int | None = None,
     ) -> None:
-        # The queue transition already happened; a ledger outage must not undo it.
+        # The queue transition already happened; a ledger outage (or a row PostgreSQL
+        # refuses) must not undo it nor end the worker.
         try:
             self.ledger.record_failure(
                 batch_id,
                 reason,
                 outcome=outcome,
-                attempt=d.attempt,
+                attempt=d.attempt if attempt is None else attempt,
                 worker=self.config.worker_id,
                 phase=phase,
+                lease=d.lease or None,
             )
-        except StagerdError as exc:
-            log.error("could not record the failure of %s: %s", batch_id, exc, extra=_ctx(d))
+        except Exception as exc:
+            log.error(
+                "could not record the failure of %s: %s",
+                batch_id,
+                brief(exc),
+                exc_info=not isinstance(exc, StagerdError),
+                extra=_ctx(d),
+            )
+
+
+def _done_size(row: BatchRow | None) -> int | None:
+    if row is None:
+        return None
+    return row.archive_size if row.archive_size is not None else row.archive_bytes
+
+
+def _differs(job: Job, sha256: str | None, size: int | None) -> str | None:
+    """How *job*'s archive differs from the recorded one, or None (same, or unknown)."""
+    if job.size is not None and size is not None and job.size != size:
+        return f"the job's archive is {job.size} bytes, the batch's was {size}"
+    if job.sha256 and sha256 and job.sha256 != sha256:
+        return f"the job's SHA-256 {job.sha256[:12]}... differs from the batch's {sha256[:12]}..."
+    return None
 
 
 def _ctx(d: Delivery) -> dict[str, Any]:

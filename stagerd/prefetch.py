@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
+from stagerd.lease import Progress, touch, track
 from stagerd.log import get_logger
 from stagerd.shutdown import LeftForRecovery
 
@@ -74,9 +75,17 @@ class Slot:
         self._cond = threading.Condition()
         self._stager_done = False
         self.errors: list[BaseException] = []
+        # When each thread last showed progress (the worker feeds the watchdog from these).
+        self.progress = {"stage": Progress(), "proc": Progress()}
         self._threads = [
-            threading.Thread(target=self._guard(self._stage_loop), name=f"slot{index}-stage"),
-            threading.Thread(target=self._guard(self._process_loop), name=f"slot{index}-proc"),
+            threading.Thread(
+                target=self._guard(self._stage_loop, self.progress["stage"]),
+                name=f"slot{index}-stage",
+            ),
+            threading.Thread(
+                target=self._guard(self._process_loop, self.progress["proc"]),
+                name=f"slot{index}-proc",
+            ),
         ]
 
     def start(self) -> None:
@@ -90,8 +99,18 @@ class Slot:
         for thread in self._threads:
             thread.join(timeout)
 
-    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+    def stalled(self, limit: float) -> list[str]:
+        """The threads of this slot alive but without progress for more than *limit* s."""
+        return [
+            f"slot{self.index}-{name} ({progress.idle():.0f}s)"
+            for (name, progress), thread in zip(self.progress.items(), self._threads, strict=True)
+            if thread.is_alive() and progress.idle() > limit
+        ]
+
+    def _guard(self, loop: Callable[[], None], progress: Progress) -> Callable[[], None]:
         def run() -> None:
+            track(progress)
+            progress.touch()
             try:
                 loop()
             except LeftForRecovery as exc:
@@ -123,6 +142,7 @@ class Slot:
     def _stage_loop(self) -> None:
         try:
             while not self._stop.is_set():
+                touch()
                 if not self._tokens.acquire(timeout=0.5):
                     continue
                 outcome = self._stage_one()
@@ -180,6 +200,7 @@ class Slot:
                     exc,
                 )
             finally:
+                self._steps.leases.drop(staged.fence)
                 staged.reservation.release()
                 self._in_flight.add(-1)
                 self._tokens.release()
@@ -189,6 +210,7 @@ class Slot:
     def _next(self) -> Staged | None:
         with self._cond:
             while True:
+                touch()
                 if self._stop.is_set():
                     return None
                 if self._ready:

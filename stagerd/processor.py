@@ -1,17 +1,21 @@
 """Running the batch processor (WhisperX/Gemma in production; not ours) as a child process.
 
-Contract, for both modes:
+Contract, for both modes (README, "The processor contract"):
 
 * the command comes from ``STAGERD_PROCESSOR`` / ``--processor`` and is shlex-split;
 * the child's environment is ours minus every secret (S3 keys, DSNs, ``*PASSWORD*``,
   ``*SECRET*``, ``*TOKEN*``): the processor is third-party code;
-* it runs in its own session/process group, so a timeout or shutdown kills its children
-  too: SIGTERM to the group, SIGKILL after a grace period;
-* its stdout/stderr lines go to our log tagged with the batch id;
-* success means a valid results file: JSON lines, each an object with a string ``item``.
-  A missing file means no results (a no-op processor is valid); anything malformed, a
-  non-zero exit, a timeout or a dead persistent process raises :class:`ProcessorFailed`
-  (transient: the batch is retried, then dead-lettered by the worker).
+* it runs below its own subreaper (:mod:`stagerd.reaper`), so a timeout, a shutdown or a
+  broken disk limit ends its whole tree, daemons included; in persistent mode everything
+  it started is killed at the end of each batch (:mod:`stagerd.proctree`);
+* its stdout/stderr go to our log tagged with the batch id, capped per batch
+  (:mod:`stagerd.outputcap`); a *guard* (:mod:`stagerd.diskguard`) may stop it early;
+* success means a results file that scans clean (:mod:`stagerd.results`): JSON lines,
+  each an object with a string ``item``, an optional trailer ``{"stagerd": "end",
+  "count": N}``; zero results from a non-empty input need the trailer with ``count: 0``.
+  Rows are validated as they are streamed into the commit. A non-zero exit, a timeout or
+  a dead persistent process raises :class:`ProcessorFailed` (transient: retried, then
+  dead-lettered); a broken limit :class:`ProcessorContained` (permanent).
 
 Oneshot mode runs the command per batch with cwd = batch dir and ``STAGERD_BATCH_ID``,
 ``STAGERD_INPUT_DIR``, ``STAGERD_RESULTS``. Persistent mode starts it once and speaks
@@ -28,17 +32,21 @@ import os
 import queue
 import shlex
 import shutil
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
-from stagerd.errors import ConfigError, ProcessorFailed
+from stagerd import proctree
+from stagerd.child import Child as _Child
+from stagerd.child import Guard
+from stagerd.errors import ConfigError, ProcessorContained, ProcessorFailed, ResultsRejected
 from stagerd.log import get_logger
+from stagerd.outputcap import OutputCap
+from stagerd.results import DEFAULT_LIMITS, ResultLimits, ResultsFile, scan_results
 
 log = get_logger(__name__)
 
@@ -48,7 +56,6 @@ SECRET_VARS = frozenset(
 SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN")
 DEFAULT_KILL_GRACE = 10.0
 MODES = ("oneshot", "persistent")
-_MAX_LINE = 64 * 1024  # longest processor output line we log (the rest is cut)
 _POLL = 0.1
 
 
@@ -60,14 +67,16 @@ class ProcessRequest:
     batch_dir: Path
     input_dir: Path
     results_path: Path
+    guard: Guard | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class ProcessOutcome:
-    """A processed batch: elapsed seconds and its validated ``(item, result)`` rows."""
+    """A processed batch: elapsed seconds and its scanned results file, whose rows are
+    validated as they are streamed (:meth:`ResultsFile.rows`)."""
 
     seconds: float
-    results: list[tuple[str, dict[str, Any]]]
+    results: ResultsFile
 
 
 class Processor(Protocol):
@@ -86,6 +95,7 @@ def make_processor(
     *,
     env: Mapping[str, str] | None = None,
     kill_grace: float = DEFAULT_KILL_GRACE,
+    limits: ResultLimits = DEFAULT_LIMITS,
 ) -> Processor:
     """A processor for *command* in *mode* ("oneshot" or "persistent").
 
@@ -102,9 +112,9 @@ def make_processor(
         raise ConfigError(f"STAGERD_PROCESSOR: executable {argv[0]!r} not found")
     clean = scrub_env(os.environ if env is None else env)
     if mode == "oneshot":
-        return OneshotProcessor(argv, clean, kill_grace=kill_grace)
+        return OneshotProcessor(argv, clean, kill_grace=kill_grace, limits=limits)
     if mode == "persistent":
-        return PersistentProcessor(argv, clean, kill_grace=kill_grace)
+        return PersistentProcessor(argv, clean, kill_grace=kill_grace, limits=limits)
     raise ConfigError(f"processor mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
@@ -117,132 +127,54 @@ def scrub_env(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def read_results(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Validate a results JSONL file. Missing file -> no results. Raises ProcessorFailed."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProcessorFailed(f"results file {path.name} unreadable: {exc}") from None
-    rows: list[tuple[str, dict[str, Any]]] = []
+def read_results(path: Path, limits: ResultLimits = DEFAULT_LIMITS) -> list[tuple[str, Any]]:
+    """A small results file as a list of ``(item, object)`` rows (missing file: none).
+
+    Raises ResultsRejected for a bad row or a repeated item, ProcessorFailed for an
+    unreadable or truncated file."""
+    rows: list[tuple[str, Any]] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise ProcessorFailed(f"results line {lineno} is not JSON") from None
-        item = obj.get("item") if isinstance(obj, dict) else None
-        if not isinstance(item, str) or not item:
-            raise ProcessorFailed(f"results line {lineno} lacks a string 'item'")
+    for item, raw in scan_results(path, limits, input_empty=True):
         if item in seen:
-            raise ProcessorFailed(f"results line {lineno} repeats item {item!r}")
+            raise ResultsRejected(f"results repeat item {item!r}")
         seen.add(item)
-        rows.append((item, obj))
+        rows.append((item, json.loads(raw.text)))
     return rows
 
 
-class _Child:
-    """A command in its own process group, its output lines pumped to handlers."""
+def collect_results(req: ProcessRequest, limits: ResultLimits) -> ResultsFile:
+    """Scan the results of a processor that said it succeeded (see stagerd.results)."""
+    return scan_results(req.results_path, limits, input_empty=_is_empty(req.input_dir))
 
-    def __init__(
-        self,
-        argv: list[str],
-        *,
-        env: Mapping[str, str],
-        cwd: Path | None,
-        label: Callable[[], str],
-        on_stdout: Callable[[str], None] | None = None,
-        stdin: bool = False,
-    ) -> None:
-        self._label = label
-        try:
-            self.proc = subprocess.Popen(
-                argv, cwd=cwd, env=dict(env), start_new_session=True,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )  # fmt: skip
-        except OSError as exc:
-            raise ProcessorFailed(f"cannot start processor {argv[0]!r}: {exc.strerror}") from None
-        self.last_stderr = ""
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        out_handler = on_stdout or (lambda line: self._log("stdout", line))
-        self._pumps = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, out_handler), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self._stderr), daemon=True),
-        ]
-        for pump in self._pumps:
-            pump.start()
 
-    def _pump(self, stream: IO[bytes], handle: Callable[[str], None]) -> None:
-        with stream:
-            for raw in iter(lambda: stream.readline(_MAX_LINE), b""):
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if line:
-                    handle(line)
-
-    def _stderr(self, line: str) -> None:
-        self.last_stderr = line
-        self._log("stderr", line)
-
-    def _log(self, stream: str, line: str) -> None:
-        batch_id = self._label()
-        log.info("processor %s [%s]: %s", stream, batch_id, line,
-                 extra={"batch_id": batch_id, "stream": stream})  # fmt: skip
-
-    def wait(self, deadline: float, stop: threading.Event | None) -> int | None:
-        """The exit status, or None if *deadline* passed or *stop* was set first."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (stop is not None and stop.is_set()):
-                return None
-            try:
-                return self.proc.wait(timeout=min(remaining, _POLL * 5))
-            except subprocess.TimeoutExpired:
-                continue
-
-    def kill(self, grace: float) -> None:
-        """SIGTERM the whole group, SIGKILL it after *grace*; reap; stop the pumps."""
-        if self.proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL below
-                self.proc.wait(timeout=grace)
-        self.reap()
-
-    def reap(self) -> None:
-        """Kill whatever is left of the group (daemonised children), wait, end the pumps."""
-        self._signal(signal.SIGKILL)
-        self.proc.wait()
-        self.join_output(timeout=2.0)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-
-    def join_output(self, timeout: float) -> None:
-        """Wait (bounded) until stdout and stderr reached EOF and were logged."""
-        for pump in self._pumps:
-            pump.join(timeout=timeout)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # group already gone
-            os.killpg(self.proc.pid, sig)
+def _is_empty(path: Path) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return True
 
 
 class OneshotProcessor:
     """One child per batch (cwd = batch dir, batch described by environment variables)."""
 
     def __init__(
-        self, argv: list[str], env: Mapping[str, str], *, kill_grace: float = DEFAULT_KILL_GRACE
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        *,
+        kill_grace: float = DEFAULT_KILL_GRACE,
+        limits: ResultLimits = DEFAULT_LIMITS,
     ) -> None:
         self._argv = argv
         self._env = dict(env)
         self._grace = kill_grace
+        self._limits = limits
 
     def run(
         self, req: ProcessRequest, *, timeout: float, stop: threading.Event | None = None
     ) -> ProcessOutcome:
-        """Run the command on *req*. Setting *stop* kills it (group) and raises."""
+        """Run the command on *req*. Setting *stop* kills it (whole tree) and raises."""
         started = time.monotonic()
         req.results_path.unlink(missing_ok=True)  # a stale file from an earlier attempt
         env = {
@@ -251,19 +183,32 @@ class OneshotProcessor:
             "STAGERD_INPUT_DIR": str(req.input_dir),
             "STAGERD_RESULTS": str(req.results_path),
         }
-        child = _Child(self._argv, env=env, cwd=req.batch_dir, label=lambda: req.batch_id)
-        status = child.wait(started + timeout, stop)
-        if status is None:
-            child.kill(self._grace)
-            raise ProcessorFailed(_why_not_done(req.batch_id, timeout, stop))
-        child.reap()
+        output = OutputCap(req.batch_id)
+        child = _Child(self._argv, env=env, cwd=req.batch_dir, output=output, grace=self._grace)
+        try:
+            status = child.wait(started + timeout, stop, req.guard)
+            if status is None:
+                # Over its disk allowance it must not write on through the grace period.
+                child.kill(0.0 if child.contained else self._grace)
+                raise _not_done(req.batch_id, timeout, stop, child.contained)
+            child.reap()
+        finally:
+            output.finish()
         if status != 0:
             raise ProcessorFailed(_exit_reason(req.batch_id, status, child.last_stderr))
-        results = read_results(req.results_path)
+        results = collect_results(req, self._limits)
         return ProcessOutcome(seconds=time.monotonic() - started, results=results)
 
     def close(self) -> None:
         """Nothing outlives a batch in oneshot mode."""
+
+
+def _not_done(
+    batch_id: str, timeout: float, stop: threading.Event | None, contained: str | None
+) -> ProcessorFailed | ProcessorContained:
+    if contained is not None:
+        return ProcessorContained(f"processor for batch {batch_id} stopped: {contained}")
+    return ProcessorFailed(_why_not_done(batch_id, timeout, stop))
 
 
 def _why_not_done(batch_id: str, timeout: float, stop: threading.Event | None) -> str:
@@ -282,14 +227,20 @@ class PersistentProcessor:
     """One long-lived child fed JSON requests; replaced after it dies or times out."""
 
     def __init__(
-        self, argv: list[str], env: Mapping[str, str], *, kill_grace: float = DEFAULT_KILL_GRACE
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        *,
+        kill_grace: float = DEFAULT_KILL_GRACE,
+        limits: ResultLimits = DEFAULT_LIMITS,
     ) -> None:
         self._argv = argv
         self._env = {**env, "STAGERD_PROCESSOR_MODE": "persistent"}
         self._grace = kill_grace
+        self._limits = limits
         self._child: _Child | None = None
         self._answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._batch_id = "-"
+        self._output = OutputCap()
 
     @property
     def pid(self) -> int | None:
@@ -303,15 +254,29 @@ class PersistentProcessor:
         on the next call if it died, timed out or *stop* was set)."""
         started = time.monotonic()
         req.results_path.unlink(missing_ok=True)
-        self._batch_id = req.batch_id
-        child = self._ensure_child()
-        self._send(child, req)
-        answer = self._await(req.batch_id, started + timeout, stop)
+        self._output.begin(req.batch_id)
+        try:
+            child = self._ensure_child()
+            self._send(child, req)
+            answer = self._await(req, started + timeout, stop)
+        finally:
+            self._end_batch()
         if not answer.get("ok"):
             error = str(answer.get("error") or "no reason given")[:300]
             raise ProcessorFailed(f"processor failed batch {req.batch_id}: {error}")
-        results = read_results(req.results_path)
+        results = collect_results(req, self._limits)
         return ProcessOutcome(seconds=time.monotonic() - started, results=results)
+
+    def _end_batch(self) -> None:
+        """The per-batch guarantee: the processor lives on, every process it started
+        during the batch is killed; the batch's output budget is closed."""
+        child = self._child
+        if child is not None and child.proc.poll() is None:
+            killed = proctree.end_helpers(child.proc.pid, keep=child.main_pid)
+            if killed:
+                log.warning("killed %d process(es) the persistent processor left after batch %s",
+                            killed, self._output.batch_id)  # fmt: skip
+        self._output.finish()
 
     def close(self) -> None:
         """Close the child's stdin (its cue to exit), then kill the group after the grace."""
@@ -335,7 +300,7 @@ class PersistentProcessor:
         self._answers = queue.Queue()
         answers = self._answers
         self._child = _Child(
-            self._argv, env=self._env, cwd=None, label=lambda: self._batch_id,
+            self._argv, env=self._env, cwd=None, output=self._output, grace=self._grace,
             on_stdout=lambda line: self._on_stdout(line, answers), stdin=True,
         )  # fmt: skip
         threading.Thread(target=self._watch, args=(self._child, answers), daemon=True).start()
@@ -349,8 +314,7 @@ class PersistentProcessor:
         if isinstance(obj, dict) and "ok" in obj and "batch_id" in obj:
             answers.put(obj)
         else:
-            log.info("processor stdout [%s]: %s", self._batch_id, line[:_MAX_LINE],
-                     extra={"batch_id": self._batch_id, "stream": "stdout"})  # fmt: skip
+            self._output.line("stdout", line)
 
     @staticmethod
     def _watch(child: _Child, answers: queue.Queue[dict[str, Any] | None]) -> None:
@@ -377,12 +341,17 @@ class PersistentProcessor:
             ) from None
 
     def _await(
-        self, batch_id: str, deadline: float, stop: threading.Event | None
+        self, req: ProcessRequest, deadline: float, stop: threading.Event | None
     ) -> dict[str, Any]:
+        batch_id = req.batch_id
         while True:
             if stop is not None and stop.is_set():
                 self._discard()
                 raise ProcessorFailed(f"processor for batch {batch_id} killed: shutting down")
+            contained = req.guard() if req.guard is not None else None
+            if contained is not None:
+                self._discard(grace=0.0)
+                raise ProcessorContained(f"processor for batch {batch_id} stopped: {contained}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._discard()
@@ -402,8 +371,8 @@ class PersistentProcessor:
             log.warning("persistent processor answered for batch %r while %s was running",
                         answer.get("batch_id"), batch_id)  # fmt: skip
 
-    def _discard(self) -> None:
-        """Kill the current child (group); the next run starts a fresh one."""
+    def _discard(self, grace: float | None = None) -> None:
+        """Kill the current child (whole tree); the next run starts a fresh one."""
         child, self._child = self._child, None
         if child is not None:
-            child.kill(self._grace)
+            child.kill(self._grace if grace is None else grace)

@@ -14,7 +14,15 @@ Contract:
   requeues it) can never both act.
 - Workers keep a heartbeat key with a TTL. A worker whose heartbeat expired is dead; its
   in-flight jobs go back to the head of the pending list (order kept) or, when their
-  attempts are used up, to the dead-letter list.
+  attempts are used up, to the dead-letter list. Dead workers are found by scanning for
+  processing lists, not only through the workers set, so a worker that was dropped from the
+  set (recovered while stalled) and died later is still found.
+- Every pickup carries a lease token: a global epoch (INCR), so a later pickup of a batch
+  always carries a larger token than an earlier one. The ledger keeps the newest token per
+  batch and refuses writes carrying an older one (fencing, :mod:`stagerd.db`).
+- Every heartbeat re-asserts the registration (heartbeat key + workers set) in one script
+  and reports whether it had been lost (recovery took this worker's jobs) and whether
+  another process holds the id (a twin with the same worker id).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, cast
 
-from stagerd.errors import InvalidJob, ServiceUnavailable
+from stagerd.errors import ConfigError, InvalidJob, ServiceUnavailable
 from stagerd.job import Job
 from stagerd.keys import QueueKeys
 from stagerd.log import get_logger
@@ -90,6 +98,23 @@ for _, b in ipairs(dead) do table.insert(out, b) end
 return out
 """
 
+# KEYS: heartbeat, workers. ARGV: worker id, token, ttl ms
+# Returns {was a member of the workers set (0/1), the token the heartbeat key held or ''}
+_BEAT = """
+local member = redis.call('SISMEMBER', KEYS[2], ARGV[1])
+local before = redis.call('GET', KEYS[1]) or ''
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+return {member, before}
+"""
+
+# KEYS: epoch. ARGV: floor. Raise the lease epoch to at least *floor* (Redis forgot it).
+_EPOCH_FLOOR = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) return tonumber(ARGV[1]) end
+return now
+"""
+
 # KEYS: pending, enqueued marker hash. ARGV: batch id, marker, payload, force
 _ENQUEUE_ONCE = """
 if ARGV[4] ~= '1' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end
@@ -109,14 +134,18 @@ def connect(url: str, *, retries: int = 6) -> redis.Redis:
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    return redis_lib.Redis.from_url(
-        url,
-        socket_timeout=30,
-        socket_connect_timeout=5,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
-        retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError],
-    )
+    try:
+        return redis_lib.Redis.from_url(
+            url,
+            socket_timeout=30,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+            retry_on_error=[redis_lib.ConnectionError, redis_lib.TimeoutError],
+        )
+    except ValueError:
+        # redis-py's message may quote the URL; the variable's name is enough to act on.
+        raise ConfigError("REDIS_URL: redis-py cannot parse it") from None
 
 
 def utc_now() -> str:
@@ -131,6 +160,8 @@ class Delivery:
     job: Job | None
     error: str | None
     attempt: int
+    # The lease token of this pickup (0: none, e.g. a payload parsed outside a pop).
+    lease: int = 0
 
     @property
     def batch_id(self) -> str | None:
@@ -142,6 +173,16 @@ class Delivery:
             return cls(raw=raw, job=Job.from_json(raw), error=None, attempt=attempt)
         except InvalidJob as exc:
             return cls(raw=raw, job=None, error=str(exc), attempt=attempt)
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat found: *lost*: the registration was gone (another worker
+    recovered our jobs while we were stalled, or Redis lost its data); *twin*: the
+    heartbeat key held another process's token (a second process with our worker id)."""
+
+    lost: bool
+    twin: str | None
 
 
 @dataclass(frozen=True)
@@ -173,6 +214,7 @@ class ReliableQueue:
         # Distinguishes this process from a predecessor or a twin with the same worker id.
         self.token = f"{uuid.uuid4().hex[:12]}"
         self._move = client.register_script(_MOVE)
+        self._beat = client.register_script(_BEAT)
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str | None = None) -> ReliableQueue:
@@ -230,13 +272,29 @@ class ReliableQueue:
             )
         return moved
 
-    def heartbeat(self) -> None:
-        """Renew the heartbeat; call at least every TTL/3."""
-        self.client.set(
-            self.keys.heartbeat(self.worker_id),
-            self.token,
-            px=max(1, int(self.heartbeat_ttl * 1000)),
+    def heartbeat(self) -> Beat:
+        """Renew the heartbeat and re-assert the registration; call at least every TTL/3."""
+        member, before = cast(
+            list[Any],
+            self._beat(
+                keys=[self.keys.heartbeat(self.worker_id), self.keys.workers],
+                args=[self.worker_id, self.token, max(1, int(self.heartbeat_ttl * 1000))],
+            ),
         )
+        held = before.decode() if isinstance(before, bytes) else str(before)
+        return Beat(lost=not int(member), twin=held if held and held != self.token else None)
+
+    def holds(self, d: Delivery) -> bool:
+        """Whether *d* is still in this worker's processing list (still ours to finish)."""
+        return self.client.lpos(self.processing, cast(str, d.raw)) is not None
+
+    def new_lease(self, d: Delivery, floor: int = 0) -> Delivery:
+        """*d* with a fresh lease token, the epoch first raised to *floor* (the ledger's
+        newest token: after a Redis data loss the counter restarts below it)."""
+        if floor:
+            raise_epoch(self.client, self.keys, floor)
+        lease = int(self.client.incr(self.keys.epoch))
+        return Delivery(raw=d.raw, job=d.job, error=d.error, attempt=d.attempt, lease=lease)
 
     def deregister(self) -> None:
         """Clean shutdown: drop the heartbeat (only if it is still ours)."""
@@ -256,8 +314,11 @@ class ReliableQueue:
         delivery = Delivery.parse(raw)
         if delivery.batch_id is None:
             return delivery
-        attempt = int(self.client.hincrby(self.keys.attempts, delivery.batch_id, 1))
-        return Delivery(raw=raw, job=delivery.job, error=None, attempt=attempt)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(self.keys.attempts, delivery.batch_id, 1)
+        pipe.incr(self.keys.epoch)
+        attempt, lease = pipe.execute()
+        return Delivery(raw=raw, job=delivery.job, error=None, attempt=attempt, lease=lease)
 
     def _transition(
         self, d: Delivery, target: str, mode: str, envelope: str = "", *, refund: bool = False
@@ -322,7 +383,10 @@ def recover_orphans(
     """Requeue (head) or dead-letter the in-flight jobs of every worker whose heartbeat
     expired. Safe to run from many places at once: each worker's list is handled by one
     atomic script that re-checks the heartbeat first."""
-    workers = sorted(w.decode() for w in cast(set[bytes], client.smembers(keys.workers)))
+    workers = sorted(
+        {w.decode() for w in cast(set[bytes], client.smembers(keys.workers))}
+        | set(processing_owners(client, keys))
+    )
     dead_workers: list[str] = []
     requeued: list[str] = []
     dead_lettered: list[str] = []
@@ -363,6 +427,24 @@ def recover_orphans(
                 extra={"worker": worker, "dry_run": dry_run},
             )
     return RecoveryReport(dead_workers=dead_workers, requeued=requeued, dead_lettered=dead_lettered)
+
+
+def processing_owners(client: redis.Redis, keys: QueueKeys) -> list[str]:
+    """Worker ids that have a processing list (found by SCAN, whatever the workers set says)."""
+    prefix = keys.processing("")
+    pattern = glob_escape(prefix) + "*"
+    owners = {raw.decode()[len(prefix) :] for raw in client.scan_iter(match=pattern, count=1000)}
+    return sorted(o for o in owners if o)
+
+
+def raise_epoch(client: redis.Redis, keys: QueueKeys, floor: int) -> None:
+    """Raise the lease epoch to at least *floor* (never lowers it; atomic)."""
+    client.eval(_EPOCH_FLOOR, 1, keys.epoch, floor)
+
+
+def glob_escape(text: str) -> str:
+    """*text* as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _plan_recovery(

@@ -133,6 +133,9 @@ class RetryPolicy:
             outcome = getattr(retry_state, "outcome", None)
             exc = outcome.exception() if outcome is not None else None
             number = getattr(retry_state, "attempt_number", 0)
+            from stagerd.lease import touch
+
+            touch()  # a bounded retry is a worker busy, not hung (the watchdog's measure)
             log.warning(
                 "%s failed (attempt %d/%d), retrying: %s",
                 what,

@@ -60,7 +60,6 @@ def describe_client_error(exc: BaseException, bucket: str, endpoint: str) -> str
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = err.get("Code", "?")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
         op = exc.operation_name
         if code in {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
             return (
@@ -69,5 +68,7 @@ def describe_client_error(exc: BaseException, bucket: str, endpoint: str) -> str
             )
         if code in {"NoSuchBucket"}:
             return f"S3 bucket {bucket!r} does not exist at {endpoint}"
-        return f"S3 {op} on bucket {bucket!r} at {endpoint} failed: {code} (HTTP {status})"
+        from stagerd.s3hints import explain
+
+        return f"S3 {op} on bucket {bucket!r} at {endpoint} failed: {explain(exc)}"
     return f"S3 endpoint {endpoint} unreachable: {type(exc).__name__}: {exc}"

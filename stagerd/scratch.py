@@ -49,6 +49,9 @@ log = get_logger(__name__)
 # How often a waiting request re-checks, and how often it repeats its log line.
 POLL_INTERVAL = 0.25
 LOG_INTERVAL = 30.0
+# The admission lock is held for milliseconds; a wait this long means its holder hangs
+# (a stopped janitor): give up with an error rather than hang the slot.
+ADMISSION_TIMEOUT = 300.0
 
 
 class StatvfsResult(Protocol):
@@ -157,9 +160,13 @@ class Reservation:
                 self._manager.dirs.remove(self.batch_id)
         finally:
             # Drop the lock only once the record is gone, so the record never looks dead
-            # to others while it still counts here.
-            self._manager._forget(self.batch_id)
-            os.close(fd)
+            # to others while it still counts here. If the record cannot be deleted (the
+            # admission lock timed out) the dir lock is dropped anyway: a record whose
+            # owner holds no lock is dead, and the next admission reclaims it.
+            try:
+                self._manager._forget(self.batch_id)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> Reservation:
         return self
@@ -240,6 +247,25 @@ class ScratchManager:
                 return outcome
             waiter.wait(outcome, self._poll)
 
+    def adopt(self, batch_id: str) -> Reservation | None:
+        """Take over ``root/{batch_id}/`` as it is (a dead predecessor's processed results),
+        locked and counted as a reservation of the bytes it holds; None if it is gone or a
+        live process holds it. Admission does not apply: the bytes are already on disk."""
+        from stagerd.locks import try_lock_entry
+
+        path = self.batch_dir(batch_id)
+        with self.admission_lock():
+            try:
+                fd = try_lock_entry(path)
+            except OSError:
+                return None
+            if fd is None:
+                return None
+            record = Record.new(batch_id, self.dirs.written(batch_id))
+            self.records.write(record)
+        log.info("scratch dir adopted", extra={"batch_id": batch_id, "nbytes": record.nbytes})
+        return Reservation(self, record, fd)
+
     def _try_reserve(self, batch_id: str, nbytes: int) -> Reservation | str:
         """One admission attempt: the reservation, or why it must wait."""
         with self.admission_lock():
@@ -278,6 +304,10 @@ class ScratchManager:
             ],
         )
 
+    def free(self) -> int:
+        """Bytes available on the scratch volume now (statvfs ``f_bavail``)."""
+        return self._free()
+
     def reclaim_dead(self, *, dry_run: bool = False) -> list[str]:
         """Drop the records (and half-created temp dirs) of owners that died; their ids."""
         with self.admission_lock():
@@ -293,8 +323,12 @@ class ScratchManager:
     def admission_lock(self) -> Iterator[None]:
         """Hold the lock every admission decision and record change is made under."""
         self._ensure_state()
-        with FileLock(self.state_dir / "admission.lock"):
+        lock = FileLock(self.state_dir / "admission.lock")
+        lock.acquire(timeout=ADMISSION_TIMEOUT)
+        try:
             yield
+        finally:
+            lock.release()
 
     # -- internals ----------------------------------------------------------------------
 

@@ -43,3 +43,13 @@ def watchdog() -> bool:
 
 def stopping() -> bool:
     return notify("STOPPING=1")
+
+
+def watchdog_seconds(environ: dict[str, str] | None = None) -> float | None:
+    """systemd's ``WatchdogSec`` as it tells the service (``$WATCHDOG_USEC``), or None."""
+    raw = (environ if environ is not None else os.environ).get("WATCHDOG_USEC", "")
+    try:
+        usec = int(raw)
+    except ValueError:
+        return None
+    return usec / 1e6 if usec > 0 else None

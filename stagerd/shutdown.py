@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from stagerd.errors import TransientError
+from stagerd.errors import ServiceUnavailable
 from stagerd.retry import RetryPolicy, brief
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ SHUTDOWN_ATTEMPTS = 2
 SHUTDOWN_TOTAL = 5.0
 
 
-class LeftForRecovery(TransientError):
+class LeftForRecovery(ServiceUnavailable):
     """A stopping worker could not reach a service; the job stays for recovery."""
 
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 
+from stagerd.job import loads_untrusted
 from stagerd.keys import QueueKeys
 
 if TYPE_CHECKING:
@@ -66,7 +67,11 @@ def queue_section(client: redis.Redis, keys: QueueKeys) -> dict[str, Any]:
 def worker_section(client: redis.Redis, keys: QueueKeys) -> list[dict[str, Any]]:
     """Every known worker, whether its heartbeat is alive, and its in-flight jobs."""
     now = time.time()
-    workers = sorted(w.decode() for w in cast(set[bytes], client.smembers(keys.workers)))
+    from stagerd.queue import processing_owners
+
+    # Also workers dropped from the set that still hold jobs (found by their lists).
+    registered = {w.decode() for w in cast(set[bytes], client.smembers(keys.workers))}
+    workers = sorted(registered | set(processing_owners(client, keys)))
     section = []
     for worker in workers:
         phases = {
@@ -76,7 +81,7 @@ def worker_section(client: redis.Redis, keys: QueueKeys) -> list[dict[str, Any]]
         jobs = []
         for raw in cast(list[bytes], client.lrange(keys.processing(worker), 0, -1)):
             try:
-                batch_id = json.loads(raw).get("batch_id")
+                batch_id = loads_untrusted(raw).get("batch_id")
             except (ValueError, AttributeError):
                 batch_id = None
             info = phases.get(batch_id or "(invalid)", {})

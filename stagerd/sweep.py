@@ -43,13 +43,19 @@ class EntryFacts:
     kind: str  # "dir", "file", "symlink" or "other"
     locked: bool
     age: float
+    # Holds processed results not yet committed (resume.py): its worker's restart needs it.
+    processed: bool = False
+
+
+# Processed-but-uncommitted results outlive a PostgreSQL outage and the restarts during it.
+PROCESSED_MIN_AGE = 24 * 3600.0
 
 
 def decide(facts: EntryFacts, min_age: float) -> str:
     """REMOVE, KEEP_LOCKED or KEEP_YOUNG for one entry (pure)."""
     if facts.locked:
         return KEEP_LOCKED
-    if facts.age < min_age:
+    if facts.age < (max(min_age, PROCESSED_MIN_AGE) if facts.processed else min_age):
         # Unlocked but recent: maybe a tool that does not lock (a hand-run download).
         return KEEP_YOUNG
     return REMOVE
@@ -177,7 +183,8 @@ class _Sweep:
             self.errors.append(f"scratch {path}: a mount point; not touching it")
             return
         age = self.now - max(st.st_mtime, st.st_ctime)
-        if decide(EntryFacts(name, _kind(st), False, age), self.min_age) == KEEP_YOUNG:
+        facts = EntryFacts(name, _kind(st), False, age, _processed(name, self.root_fd, st))
+        if decide(facts, self.min_age) == KEEP_YOUNG:
             self.young += 1
             return
         if self.dry_run:
@@ -187,3 +194,16 @@ class _Sweep:
             log.info("removed stale scratch entry", extra={"path": path})
         self.removed.append(path)
         self.freed += freed
+
+
+def _processed(name: str, root_fd: int, st: os.stat_result) -> bool:
+    """Whether the directory *name* holds a processed-results marker (resume.py)."""
+    from stagerd.resume import MARKER
+
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    try:
+        marker = os.stat(f"{name}/{MARKER}", dir_fd=root_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(marker.st_mode)

@@ -10,15 +10,17 @@ nothing half-done is ever enqueued.
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stagerd.config import S3Settings, Settings, redact_url
-from stagerd.errors import PermanentError, ServiceUnavailable
+from stagerd.errors import BatchIdReused, PermanentError, ServiceUnavailable, StagerdError
 from stagerd.ids import archive_key, validate_batch_id
 from stagerd.job import Job
 from stagerd.keys import QueueKeys
@@ -128,6 +130,8 @@ def transfer(
     s3, client = connections.s3, connections.client
     redis_client = connections.redis if request.enqueue else None
     size = path.stat().st_size
+    if not request.force:
+        _check_ledger_archive(settings, batch_id, path, size)
     options = UploadOptions(
         part_size=request.part_size or settings.part_size,
         concurrency=settings.concurrency,
@@ -135,6 +139,7 @@ def transfer(
         policy=policy or RetryPolicy(),
         metadata={"stagerd-batch-id": batch_id},
         force=request.force,
+        keep_existing=not request.force,
     )
     progress = make_progress(f"upload {batch_id}", size, mode=progress_mode)
     try:
@@ -145,7 +150,18 @@ def transfer(
     enqueued = False
     if redis_client is not None:
         job = Job.new(batch_id, file_count=file_count, size=result.size, sha256=result.sha256)
+        if request.force:
+            # The worker replaces a done batch only for a job that says so (and only when
+            # the digest differs, so a redelivered job never reprocesses twice).
+            job = replace(job, extra={**job.extra, "replace": True})
         enqueued = _enqueue(redis_client, settings, job, force=request.force)
+    if redis_client is not None:
+        # After the enqueue, and only for jobs stagerd enqueued (the seed's upload_archive
+        # creates nothing but the archive): "enqueued" tells reconcile the job was handed to
+        # Redis, so its absence from every list after a Redis loss means it was lost.
+        digest = {"size": result.size, "sha256": result.sha256, "etag": result.etag}
+        fields = {**digest, "file_count": file_count, "enqueued": True}
+        _record_digest(client, s3.bucket, batch_id, fields, policy or RetryPolicy())
     report = TransferReport(
         batch_id=batch_id,
         s3_key=key,
@@ -165,6 +181,69 @@ def transfer(
     return report
 
 
+def _record_digest(
+    client: S3Client, bucket: str, batch_id: str, fields: dict[str, Any], policy: RetryPolicy
+) -> None:
+    """Keep size and digest next to the archive in S3, where a Redis loss cannot take them
+    (``stagerd reconcile`` re-enqueues with them). Best effort: the archive is uploaded
+    and enqueued already, and reconcile works without the record (size only)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.ids import digest_key
+
+    body = json.dumps({"batch_id": batch_id, **fields}, sort_keys=True).encode()
+    try:
+        policy.call(
+            lambda: client.put_object(
+                Bucket=bucket, Key=digest_key(batch_id), Body=body, ContentType="application/json"
+            ),
+            what="S3 PutObject (digest record)",
+        )
+    except (BotoCoreError, ClientError, StagerdError, OSError) as exc:
+        log.warning("could not write the digest record of %s: %s", batch_id, exc)
+
+
+def _check_ledger_archive(settings: Settings, batch_id: str, path: Path, size: int) -> None:
+    """Refuse a file that differs from what the ledger says *batch_id* holds (the S3 object
+    may be gone). Skipped without DATABASE_URL; an unreachable ledger is only a warning
+    (the S3 check still refuses an overwrite)."""
+    if not settings.database_url:
+        return
+    from stagerd.db import CLI_POLICY, Ledger
+
+    ledger = Ledger(settings.database_url, policy=CLI_POLICY)
+    try:
+        row = ledger.batch(batch_id) if ledger.schema_ready() else None
+    except ServiceUnavailable as exc:
+        log.warning("cannot check the ledger for batch %s: %s", batch_id, exc)
+        return
+    finally:
+        ledger.close()
+    if row is None:
+        return
+    known = row.archive_size if row.archive_size is not None else row.archive_bytes
+    why = None
+    if known is not None and known != size:
+        why = f"the ledger's batch is {known} bytes, {path} is {size}"
+    elif row.sha256 and _file_sha256(path) != row.sha256:
+        why = f"the ledger's batch has SHA-256 {row.sha256[:12]}..., {path} differs"
+    if why:
+        raise BatchIdReused(
+            f"batch id {batch_id} already holds a different archive ({why}); nothing was "
+            "changed (--force replaces it and the batch is processed again)"
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def upload_archive(local_path: Path, batch_id: str) -> str:
     """Upload archive to S3, return S3 key (the seed's interface; resumable and verified).
 
@@ -176,14 +255,16 @@ def upload_archive(local_path: Path, batch_id: str) -> str:
 
 
 def _check_readable(path: Path) -> None:
+    """Refuse anything but a readable regular file, without blocking on it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO would otherwise hang the open until some writer appears.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise PermanentError(f"{path}: no such file") from None
     except OSError as exc:
         raise PermanentError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise PermanentError(f"{path}: not a regular file")
     finally:
         os.close(fd)

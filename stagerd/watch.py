@@ -11,12 +11,19 @@ Contract:
   (S3 or Redis unreachable, 403, a file still changing) leave it in place to be retried
   after a back-off: the archive is fine and moving every file aside during an outage
   would only make work for the operator.
+- No single file stops the watcher: any failure of one file (a name too long for its
+  ``.error`` file, unreadable, vanished mid-transfer, a bug met on its bytes) is logged and
+  that file is moved aside or skipped; symlinks and other non-regular ``*.tar`` entries
+  are skipped with one log line each. The ``.error`` file's name is shortened (with a
+  digest of the full name) when ``NAME.tar.error`` would not fit the file system.
 - The loop takes a stop event (set by the command's SIGTERM handler): an upload in
   progress stops at the next part boundary and stays resumable; the next start resumes it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import threading
 import time
@@ -27,6 +34,7 @@ from pathlib import Path
 
 from stagerd.config import Settings
 from stagerd.errors import ArchiveRejected, InvalidBatchId, StagerdError
+from stagerd.health import brief
 from stagerd.log import get_logger
 from stagerd.multipart import UploadInterrupted
 from stagerd.transfer import Connections, TransferReport, TransferRequest, transfer
@@ -34,6 +42,7 @@ from stagerd.transfer import Connections, TransferReport, TransferRequest, trans
 log = get_logger(__name__)
 DONE_DIR = "done"
 FAILED_DIR = "failed"
+NAME_MAX = 255  # bytes per path component on ext4, xfs, btrfs
 
 # (request, stop) -> report; the command passes the real transfer, tests may wrap it.
 TransferFn = Callable[[TransferRequest, threading.Event], TransferReport]
@@ -80,7 +89,13 @@ def run_watch(settings: Settings, options: WatchOptions, stop: threading.Event) 
 
 def ready_archives(directory: Path) -> list[Path]:
     """Complete archives in *directory*, oldest first."""
+    return scan_inbox(directory)[0]
+
+
+def scan_inbox(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(complete archives oldest first, ``*.tar`` entries skipped: symlinks and others)."""
     found: list[tuple[float, Path]] = []
+    skipped: list[Path] = []
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith(".") or not entry.name.endswith(".tar"):
@@ -88,9 +103,22 @@ def ready_archives(directory: Path) -> list[Path]:
             try:
                 if entry.is_file(follow_symlinks=False):
                     found.append((entry.stat(follow_symlinks=False).st_mtime, Path(entry.path)))
-            except FileNotFoundError:
+                else:
+                    skipped.append(Path(entry.path))
+            except OSError:
                 continue  # renamed away between listing and stat
-    return [path for _, path in sorted(found)]
+    return [path for _, path in sorted(found)], skipped
+
+
+def error_file_name(name: str) -> str:
+    """``NAME.error``, or, when that would not fit one path component, a shortened name
+    with a digest of the full one (so two long names never share an error file)."""
+    wanted = f"{name}.error"
+    if len(os.fsencode(wanted)) <= NAME_MAX:
+        return wanted
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    head = os.fsencode(name)[:180].decode("utf-8", "ignore")
+    return f"{head}...{digest}.tar.error"
 
 
 class Watcher:
@@ -104,6 +132,7 @@ class Watcher:
         self.clock = clock
         # Per file: consecutive infrastructure failures and when to try again.
         self.backoff: dict[Path, tuple[int, float]] = {}
+        self._skipped: set[Path] = set()  # logged once each
 
     def loop(self, stop: threading.Event) -> None:
         directory = self.options.directory
@@ -111,22 +140,48 @@ class Watcher:
             raise StagerdError(f"{directory}: not a directory")
         log.info("watching %s", directory, extra={"interval": self.options.interval})
         while not stop.is_set():
-            self.scan_once(stop)
+            try:
+                self.scan_once(stop)
+            except OSError as exc:
+                # The inbox itself (a remount, a permission change): say so, keep watching.
+                log.error("cannot scan %s: %s", directory, brief(exc))
             stop.wait(self.options.interval)
         log.info("watcher stopped")
 
     def scan_once(self, stop: threading.Event) -> list[TransferReport]:
         """Transfer every ready archive once; return the successful reports."""
         reports = []
-        for path in ready_archives(self.options.directory):
+        ready, skipped = scan_inbox(self.options.directory)
+        self._log_skipped(skipped)
+        for path in ready:
             if stop.is_set():
                 break
             if self.clock() < self.backoff.get(path, (0, 0.0))[1]:
                 continue
-            report = self.handle(path, stop)
+            report = self._handle_safely(path, stop)
             if report is not None:
                 reports.append(report)
         return reports
+
+    def _log_skipped(self, skipped: list[Path]) -> None:
+        for path in skipped:
+            if path not in self._skipped:
+                kind = "a symlink" if path.is_symlink() else "not a regular file"
+                log.warning("skipping %s: %s (move the archive itself in)", path.name, kind)
+        self._skipped = set(skipped)
+
+    def _handle_safely(self, path: Path, stop: threading.Event) -> TransferReport | None:
+        """:meth:`handle`, with whatever one file raises kept to that file."""
+        try:
+            return self.handle(path, stop)
+        except FileNotFoundError:
+            log.warning("%s vanished while it was being transferred; skipped", path.name)
+            self.backoff.pop(path, None)
+        except Exception as exc:  # one file's bug or OS error must not stop the watcher
+            log.error("%s: unexpected failure, will retry: %s", path.name, brief(exc),
+                      exc_info=True)  # fmt: skip
+            self._defer(path, exc)
+        return None
 
     def handle(self, path: Path, stop: threading.Event) -> TransferReport | None:
         request = TransferRequest(
@@ -163,13 +218,19 @@ class Watcher:
         failed = self.options.directory / FAILED_DIR
         failed.mkdir(exist_ok=True)
         stamp = datetime.now(timezone.utc).isoformat()
+        error_file = failed / error_file_name(path.name)
         # The .error file first: a crash in between leaves an explained file, not a
         # silently vanished one.
-        (failed / f"{path.name}.error").write_text(f"{exc}\nfailed_at: {stamp}\n")
-        os.replace(path, failed / path.name)
-        log.error("%s failed, moved to %s/: %s", path.name, FAILED_DIR, exc)
+        text = f"{exc}\nfile: {path.name!r}\nfailed_at: {stamp}\n"
+        error_file.write_text(text, errors="backslashreplace")  # names may not be UTF-8
+        try:
+            os.replace(path, failed / path.name)
+        except OSError as move:
+            if move.errno != errno.ENOENT:
+                raise
+        log.error("%s failed, moved to %s/ (%s): %s", path.name, FAILED_DIR, error_file.name, exc)
 
-    def _defer(self, path: Path, exc: StagerdError) -> None:
+    def _defer(self, path: Path, exc: Exception) -> None:
         count = self.backoff.get(path, (0, 0.0))[0] + 1
         delays = self.options.retry_delays
         delay = delays[min(count, len(delays)) - 1] if delays else 0.0

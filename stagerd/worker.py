@@ -19,10 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from stagerd.errors import ConfigError
+from stagerd.errors import ConfigError, WorkerIdInUse
+from stagerd.lease import LeaseBook
+from stagerd.locks import FileLock
 from stagerd.log import get_logger
+from stagerd.pg import is_db_transient
 from stagerd.pipeline import SERVICE_POLICY, BatchSteps, StepConfig
 from stagerd.prefetch import InFlight, Slot
 from stagerd.retry import RetryPolicy
@@ -30,10 +33,16 @@ from stagerd.shutdown import LeftForRecovery, ShutdownGuard
 
 if TYPE_CHECKING:
     from stagerd.config import Settings
+    from stagerd.health import WorkerHealth
     from stagerd.queue import ReliableQueue
 
 log = get_logger(__name__)
 PROCESSOR_MODES = ("oneshot", "persistent")
+# A worker restarted during a PostgreSQL outage (results waiting on scratch) waits for it
+# rather than crash-looping into systemd's start limit; under TimeoutStartSec (5 min).
+STARTUP_DB_POLICY = RetryPolicy(
+    attempts=10_000, base=0.2, max_delay=5.0, total=240.0, classify=is_db_transient
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,9 @@ class WorkerOptions:
     processor: str | None = None  # default: settings.processor (STAGERD_PROCESSOR)
     processor_mode: str = "oneshot"
     drain_timeout: float = 60.0
+    # A slot thread without progress this long stops the watchdog being fed (systemd's
+    # WatchdogSec=2min then restarts the worker): a hung slot never hangs silently.
+    stall_limit: float = 90.0
     worker_id: str | None = None  # default: settings.worker_id (STAGERD_WORKER_ID)
     reserve_timeout: float = 600.0
     tick: float = 1.0
@@ -61,11 +73,41 @@ def run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> No
     flight. Raises ConfigError on missing configuration, ServiceUnavailable when a backing
     service stays unreachable, and re-raises an unexpected error of a slot after shutdown."""
     _check(options)
+    identity = _claim_identity(settings, options.worker_id or settings.worker_id)
+    try:
+        _run(settings, options, stop)
+    finally:
+        if identity is not None:
+            identity.release()
+
+
+def _claim_identity(settings: Settings, worker_id: str) -> FileLock | None:
+    """Refuse at once a second process with our worker id on this host: a lock file under
+    the scratch root, held for the process's life (the kernel drops it if we die). None
+    when the scratch root does not exist (the scratch check reports that)."""
+    import re
+
+    state = settings.scratch_dir / ".stagerd"
+    if not settings.scratch_dir.is_dir():
+        return None
+    state.mkdir(mode=0o755, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", worker_id)
+    lock = FileLock(state / f"worker-{safe}.lock")
+    if not lock.acquire(blocking=False):
+        pid = lock.holder()
+        raise WorkerIdInUse(
+            f"worker id {worker_id!r} is already running on this host"
+            f"{f' (pid {pid})' if pid else ''}; give each process its own STAGERD_WORKER_ID"
+        )
+    return lock
+
+
+def _run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> None:
     guard = ShutdownGuard(stop)
-    steps, queue = _connect(settings, options, guard)
+    steps, queue = _connect(settings, options, guard, stop)
     worker_id = queue.worker_id
     kill = threading.Event()
-    heartbeat = Heartbeat(queue, settings.database_url, stop)
+    heartbeat = Heartbeat(queue, settings.database_url, stop, steps.leases)
     heartbeat.start()
     slots = _start_slots(steps, settings, options, stop, kill)
     log.info(
@@ -118,10 +160,13 @@ def _check(options: WorkerOptions) -> None:
 
 
 def _connect(
-    settings: Settings, options: WorkerOptions, guard: ShutdownGuard
+    settings: Settings, options: WorkerOptions, guard: ShutdownGuard, stop: threading.Event
 ) -> tuple[BatchSteps, ReliableQueue]:
-    """Every IO edge, connected: migrate, register in Redis, open scratch and S3."""
+    """Every IO edge, connected: migrate, register in Redis, open scratch and S3.
+
+    Refuses to start (before any job is taken) when the scratch root is missing."""
     from stagerd.db import Ledger, migrate
+    from stagerd.health import check_scratch_root
     from stagerd.metrics import Metrics
     from stagerd.queue import ReliableQueue
     from stagerd.s3 import get_s3_client
@@ -131,7 +176,8 @@ def _connect(
     database_url = settings.require_database()
     if not (options.processor or settings.processor):
         raise ConfigError("STAGERD_PROCESSOR: not set (or pass --processor CMD)")
-    migrate(database_url)
+    check_scratch_root(settings.scratch_dir)
+    migrate(database_url, policy=STARTUP_DB_POLICY)
     queue = ReliableQueue.from_settings(settings, options.worker_id)
     taken = SERVICE_POLICY.call(queue.register, what="queue register")
     if taken:
@@ -145,17 +191,42 @@ def _connect(
         reserve_timeout=options.reserve_timeout,
         stage_policy=options.stage_policy,
     )
+    client = get_s3_client(settings)
     steps = BatchSteps(
         settings,
         config,
         queue=queue,
         ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}", guard=guard),
         scratch=ScratchManager.from_settings(settings),
-        s3=get_s3_client(settings),
+        s3=client,
         metrics=Metrics(settings.metrics_file, "gpu"),
         guard=guard,
+        health=worker_health(settings, queue, client, s3.bucket),
+        stop=stop,
     )
     return steps, queue
+
+
+def worker_health(settings: Settings, queue: ReliableQueue, s3: Any, bucket: str) -> WorkerHealth:
+    """The probes that tell a worker-scoped failure from a batch's own (see health)."""
+    from stagerd.health import WorkerHealth, check_scratch_root
+    from stagerd.pg import connect
+    from stagerd.retry import RetryPolicy
+
+    once = RetryPolicy(attempts=1)
+
+    def postgres() -> None:
+        with connect(settings.require_database(), policy=once) as conn:
+            conn.execute("SELECT 1")
+
+    return WorkerHealth(
+        probes=(
+            ("scratch", lambda: check_scratch_root(settings.scratch_dir)),
+            ("Redis", queue.client.ping),
+            ("PostgreSQL", postgres),
+            ("S3", lambda: s3.head_bucket(Bucket=bucket)),
+        )
+    )
 
 
 def _start_slots(
@@ -166,12 +237,14 @@ def _start_slots(
     kill: threading.Event,
 ) -> list[Slot]:
     from stagerd.processor import Processor, make_processor
+    from stagerd.results import ResultLimits
 
     command = options.processor or settings.processor
     assert command is not None  # checked in _connect
+    limits = ResultLimits(settings.max_results, settings.max_result_bytes)
 
     def new_processor() -> Processor:
-        return make_processor(command, options.processor_mode)
+        return make_processor(command, options.processor_mode, limits=limits)
 
     in_flight = InFlight()
     slots = [
@@ -195,8 +268,10 @@ def _start_slots(
 def _supervise(
     slots: list[Slot], options: WorkerOptions, stop: threading.Event, kill: threading.Event
 ) -> None:
-    """The main loop: watchdog ticks, and the drain deadline once *stop* is set."""
+    """The main loop: watchdog ticks (only while every slot makes progress), and the
+    drain deadline once *stop* is set."""
     drain_deadline: float | None = None
+    starved = False
     while any(slot.alive() for slot in slots):
         if not stop.is_set():
             stop.wait(options.tick)
@@ -208,22 +283,38 @@ def _supervise(
             if time.monotonic() >= drain_deadline and not kill.is_set():
                 log.warning("drain timeout reached: killing the processor, requeueing")
                 kill.set()
-        if options.on_tick is not None:
+        stalled = [name for slot in slots for name in slot.stalled(options.stall_limit)]
+        if stalled and not starved:
+            log.error(
+                "no progress in %s: not feeding the watchdog (systemd restarts the worker)",
+                ", ".join(stalled),
+                extra={"event": "watchdog_starved"},
+            )
+        starved = bool(stalled)
+        if options.on_tick is not None and not stalled:
             options.on_tick()
     for slot in slots:
         slot.join()
 
 
 class Heartbeat:
-    """Keeps this worker's heartbeat fresh (every TTL/3) and, every TTL, recovers the
-    in-flight jobs of workers whose heartbeat expired (any live worker may do it)."""
+    """Keeps this worker's heartbeat fresh and its registration asserted (every TTL/3)
+    and, every TTL, recovers the in-flight jobs of workers whose heartbeat expired (any
+    live worker may do it). A beat that finds the registration gone (this worker was
+    recovered while it stalled) fences every batch recovery took away (:mod:`stagerd.lease`)."""
 
     def __init__(
-        self, queue: ReliableQueue, database_url: str | None, stop: threading.Event
+        self,
+        queue: ReliableQueue,
+        database_url: str | None,
+        stop: threading.Event,
+        leases: LeaseBook | None = None,
     ) -> None:
         self._queue = queue
         self._database_url = database_url
         self._stop = stop
+        self._leases = leases or LeaseBook()
+        self._twin_reported: str | None = None
         self.errors: list[BaseException] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
@@ -240,7 +331,7 @@ class Heartbeat:
         beats = 0
         while not self._done.wait(0 if beats == 0 else interval):
             try:
-                self._queue.heartbeat()
+                self._beat()
                 if beats % 3 == 0:
                     self._recover()
             except Exception as exc:
@@ -252,6 +343,29 @@ class Heartbeat:
                     return
                 log.warning("heartbeat failed (will retry): %s", exc)
             beats += 1
+
+    def _beat(self) -> None:
+        beat = self._queue.heartbeat()
+        worker = self._queue.worker_id
+        if beat.twin and beat.twin != self._twin_reported:
+            # Our key held another process's token: a second process runs with our id
+            # (on another host: the local lock refuses twins on this one).
+            self._twin_reported = beat.twin
+            log.error(
+                "worker id %s is also used by another process (registration token %s): "
+                "give each process its own STAGERD_WORKER_ID",
+                worker,
+                beat.twin,
+                extra={"worker": worker, "event": "duplicate_worker_id"},
+            )
+        if beat.lost:
+            log.warning(
+                "worker %s was not registered (recovered while stalled, or Redis lost its "
+                "data): registered again",
+                worker,
+                extra={"worker": worker, "event": "registration_lost"},
+            )
+            self._leases.check(self._queue)
 
     def _recover(self) -> None:
         from stagerd.db import requeue_stale_batches

@@ -59,7 +59,16 @@ _ERROR_REPLIES = {
         "InternalError",
         "We encountered an internal error. Please try again.",
     ),
+    # Only scripted (fail_first): a Swift-like server with max_upload_part_num = 2.
+    "part_limit": (
+        400,
+        "Bad Request",
+        "InvalidArgument",
+        "Part number must be an integer between 1 and 2, inclusive",
+    ),
 }
+# Kinds fail_first may script: the random ones plus replies no random run should pick.
+SCRIPTED_KINDS = (*FAULT_KINDS, "part_limit")
 _CHUNK = 256 * 1024
 _CHUNKED_CUT = 8192  # data bytes forwarded of a chunked body before a cut
 _MAX_HEAD = 64 * 1024
@@ -537,8 +546,8 @@ class FaultProxy:
 
     def fail_first(self, n: int, kind: str, match: Callable[[Head], bool]) -> None:
         """Give the next *n* requests that *match* accepts the fault *kind* (any rate)."""
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"kind must be one of {FAULT_KINDS}, got {kind!r}")
+        if kind not in SCRIPTED_KINDS:
+            raise ValueError(f"kind must be one of {SCRIPTED_KINDS}, got {kind!r}")
         with self._lock:
             self._scripted.append(_Scripted(kind, match, n))
 

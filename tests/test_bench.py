@@ -7,16 +7,26 @@ Nothing here asserts on speed; the --quick run asserts on the shape of what it w
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import socket
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from bench.measure import Sample, run_measured
-from bench.model import Check, Contender, ScenarioResult, interleave
-from bench.scenarios import SCENARIOS
+from bench import profile, services
+from bench.measure import Sample, run_measured, tree_cpu
+from bench.model import Check, Contender, ContenderResult, ScenarioResult, interleave
+from bench.scenarios import SCENARIOS, scale
 from bench.scenarios.prefetch import processor_gaps
+
+# The transfer scenarios: CPU per GiB, server CPU and the role-based targets apply to these.
+TRANSFER = ("upload", "stage", "upload_small", "stage_small", "resume")
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +48,102 @@ def test_run_measured_polls_peak_scratch_and_exit_status(tmp_path: Path) -> None
     sample, _, _ = run_measured(["sh", "-c", script], scratch=[tmp_path])
     assert sample.returncode == 3
     assert 16 * 1024 * 1024 <= sample.peak_scratch < 18 * 1024 * 1024
+
+
+def test_run_measured_counts_the_cpu_of_the_whole_pipeline() -> None:
+    # Two processes burning 0.3 s each behind a shell pipe: the tree's CPU is their sum.
+    burn = f"{sys.executable} -c {shlex.quote(BURN)}"
+    sample, _, _ = run_measured(["bash", "-c", f"{burn} | {burn}"])
+    assert sample.returncode == 0
+    assert sample.cpu_seconds is not None and 0.55 <= sample.cpu_seconds < 3.0
+    assert sample.server_cpu_seconds is None  # no server pids given
+
+
+def test_tree_cpu_reads_a_running_process_and_its_children() -> None:
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BURN!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while tree_cpu([proc.pid]) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The grandchild burned 0.3 s and was reaped: it is in the child's cutime now.
+        assert tree_cpu([proc.pid]) >= 0.3
+    finally:
+        proc.kill()
+        proc.wait()
+    assert tree_cpu([proc.pid]) == 0.0  # gone: nothing to count
+
+
+def test_listening_pids_finds_the_server_of_a_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert services.listening_pids(port) == [os.getpid()]
+    assert services.listening_pids(port) == []
+
+
+def _result(name: str, seconds: float, cpu: float, role: str) -> ContenderResult:
+    sample = Sample(seconds=seconds, peak_rss=1, cpu_seconds=cpu, server_cpu_seconds=cpu / 2)
+    return ContenderResult(name, role == "stagerd", [sample], None, role)
+
+
+def test_targets_divide_by_the_fastest_contender_of_the_run() -> None:
+    r = ScenarioResult("x", "X", {}, nbytes=2 * 1024**3)
+    r.contenders = [
+        _result("stagerd", 10.0, 4.0, "stagerd"),
+        _result("slow", 20.0, 1.0, "peer"),
+        _result("fast", 8.0, 1.0, "peer"),
+        _result("verifying", 12.0, 2.0, "verify"),
+        _result("floor", 5.0, 0.5, "floor"),  # faster, but never "the fastest peer"
+    ]
+    r.add_fastest_check("t", 1.0)
+    r.add_fastest_check("t", 1.25, roles=("floor",))
+    r.add_cpu_check()
+    by_label = {c.label: c for c in r.checks}
+    assert by_label["t vs fastest peer (fast)"].value == pytest.approx(1.25)
+    assert by_label["t vs floor"].value == pytest.approx(2.0)
+    assert by_label["CPU s/GiB vs verifying peer (verifying)"].value == pytest.approx(2.0)
+    summary = r.to_dict()["contenders"][0]
+    assert summary["role"] == "stagerd" and summary["cpu_s_per_gib"] == pytest.approx(2.0)
+    assert summary["server_cpu_s_per_gib"] == pytest.approx(1.0)
+
+
+def test_scale_targets_compare_seconds_per_gib_and_rss_across_sizes() -> None:
+    small, large = scale.QUICK_SIZES
+    archives = [type("A", (), {"size": n})() for n in (small, large)]
+    r = ScenarioResult("scale_x", "X", {})
+
+    def at(name: str, nbytes: int, seconds: float, rss: int) -> ContenderResult:
+        s = scale._per_gib(Sample(seconds=seconds, peak_rss=rss, cpu_seconds=seconds), nbytes)
+        return ContenderResult(f"{name} @ {scale.label(nbytes)}", name == "stagerd", [s], None)
+
+    r.contenders = [
+        at("stagerd", small, 1.0, 100),
+        at("peer", small, 1.0, 50),
+        at("stagerd", large, 1.2 * large / small, 105),  # 1.2x the seconds per GiB: not linear
+        at("peer", large, 1.0 * large / small, 50),
+    ]
+    scale._finish(r, archives, "peer")  # type: ignore[arg-type]
+    checks = {c.label: c for c in r.checks}
+    lo, hi = scale.label(small), scale.label(large)
+    assert not checks[f"stagerd seconds per GiB at {hi} / at {lo}"].passed
+    assert checks[f"stagerd peak RSS at {hi} / at {lo}"].passed
+    assert r.ratios[f"stagerd @ {hi}/peer @ {hi}"] == pytest.approx(1.2)
+    assert scale.label(2 * 1024**3 - 16 * 1024**2) == "2 GiB"  # rounded down to whole members
+
+
+def test_profile_turns_collapsed_stacks_into_a_flame_graph_and_top_list(tmp_path: Path) -> None:
+    raw = tmp_path / "p.raw.txt"
+    raw.write_text("main (a.py:1);read (b.py:2) 30\nmain (a.py:1);sha <hash> (c.py:3) 70\n")
+    stacks = profile.read_collapsed(raw)
+    assert stacks == Counter(
+        {("main (a.py:1)", "read (b.py:2)"): 30, ("main (a.py:1)", "sha <hash> (c.py:3)"): 70}
+    )
+    top = profile.top_functions(stacks)
+    assert "70.0%" in top and "100.0%" in top
+    svg = profile.flamegraph_svg(stacks, "t")
+    assert svg.startswith("<svg") and "sha &lt;hash&gt;" in svg and svg.count("<rect") == 4
 
 
 def test_interleave_alternates_contenders_and_isolates_a_failure() -> None:
@@ -87,6 +193,12 @@ def test_processor_gaps_from_the_processor_log(tmp_path: Path) -> None:
     assert span == pytest.approx(9.6)
 
 
+# ~2-3 minutes on a quiet 2-core machine (the shiv build of the startup scenario is most of
+# it on a fresh checkout); the margin is for a machine shared with other work.
+QUICK_TIMEOUT = 420
+
+
+@pytest.mark.timeout(QUICK_TIMEOUT + 60)
 def test_quick_run_writes_json_report_and_plots_with_ratios(tmp_path: Path) -> None:
     results_dir, report = tmp_path / "results", tmp_path / "REPORT.md"
     proc = subprocess.run(
@@ -105,9 +217,15 @@ def test_quick_run_writes_json_report_and_plots_with_ratios(tmp_path: Path) -> N
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=QUICK_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    check_quick_output(results_dir, report)
+    assert "PASS" in proc.stdout or "FAIL" in proc.stdout
+
+
+def check_quick_output(results_dir: Path, report: Path) -> None:
+    """The shape of a --quick run's results and report (callable on any run's output)."""
     doc = json.loads((results_dir / "latest.json").read_text())
     assert [s["name"] for s in doc["scenarios"]] == list(SCENARIOS)
     assert {"started_at", "host", "rounds", "git_commit", "summary"} <= doc.keys()
@@ -125,7 +243,26 @@ def test_quick_run_writes_json_report_and_plots_with_ratios(tmp_path: Path) -> N
             assert ratio > 0, f"{name}: {peer['name']}"
         for c in contenders:
             assert c["rounds"] >= 1 and c["median_seconds"] > 0 and c["peak_rss"] > 0
+            if name in TRANSFER or name == "tiny":
+                # The CPU columns: the contender's tree and the S3 server, never silently gone.
+                assert c["median_cpu_seconds"] > 0, f"{name}: {c['name']}"
+                assert c["median_server_cpu_seconds"] is not None, f"{name}: {c['name']}"
+            if name in TRANSFER:
+                assert c["cpu_s_per_gib"] > 0, f"{name}: {c['name']}"
         assert scenario["checks"], f"{name}: no target lines"
+        if name in TRANSFER and name != "resume":  # --quick resume: its usual three peers
+            roles = {c["role"] for c in contenders}
+            assert {"stagerd", "peer", "verify"} <= roles, f"{name}: {roles}"
+        labels = [c["label"] for c in scenario["checks"]]
+        if name in ("upload", "stage", "upload_small", "stage_small"):
+            assert any(" vs fastest peer (" in x for x in labels), f"{name}: {labels}"
+            assert any(x.startswith("CPU s/GiB vs verifying peer (") for x in labels), labels
+            names = {c["name"] for c in contenders}
+            assert any("obstore" in n for n in names) or any(
+                "obstore not measured" in n for n in scenario["notes"]
+            ), f"{name}: obstore neither measured nor explained"
+        if name in ("stage", "upload"):
+            assert any(c["role"] == "floor" for c in contenders), name
     for check in doc["summary"]["checks"]:
         assert {"label", "value", "op", "limit", "passed"} <= check.keys()
     assert len(list(results_dir.glob("2*.json"))) == 1
@@ -136,4 +273,4 @@ def test_quick_run_writes_json_report_and_plots_with_ratios(tmp_path: Path) -> N
     for scenario in doc["scenarios"]:
         assert f"## {scenario['name']}:" in text
         assert (results_dir / "plots" / f"{scenario['name']}.png").stat().st_size > 1000
-    assert "PASS" in proc.stdout or "FAIL" in proc.stdout
+    assert "CPU s/GiB | server CPU s/GiB" in text

@@ -75,7 +75,7 @@ def test_malformed_secret_is_not_echoed() -> None:
 def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     env_file = tmp_path / "stagerd.env"
     env_file.write_text(
-        "# managed by ansible\nexport S3_BUCKET=from-file\nS3_ENDPOINT='http://file:8080'\n\nSTAGERD_QUEUE=\"q:file\"\n"
+        "# managed by ansible\nS3_BUCKET=from-file\nS3_ENDPOINT='http://file:8080'\n\nSTAGERD_QUEUE=\"q:file\"\n"
     )
     s = Settings.from_env(environ={"S3_BUCKET": "from-env"}, env_file=env_file)
     assert s.s3_bucket == "from-env"

@@ -57,3 +57,18 @@ def test_postgres_check_wants_migrations(run_cli, stagerd_env) -> None:
     data = json.loads(after.stdout)
     assert {c["name"]: c for c in data["checks"]}["postgres"]["ok"]
     assert after.returncode == 0 and data["ok"] is True, after.stdout
+
+
+def test_redis_without_persistence_is_a_warning_not_a_failure(run_cli, stagerd_env, tmp_path):
+    """Issue 17: a Redis that keeps nothing across a restart loses the queue with it."""
+    from tests.restartable import RedisServer
+
+    for durable, verdict in ((False, "WARN"), (True, "PASS")):
+        with RedisServer(tmp_path / f"redis-{durable}", durable=durable) as server:
+            env = {**stagerd_env, "REDIS_URL": server.url}
+            result = run_cli(["doctor", "--role", "transfer"], env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+            line = next(x for x in result.stdout.splitlines() if "redis.persist" in x)
+            assert line.startswith(verdict), result.stdout
+            if not durable:
+                assert "no persistence" in line and "appendonly yes" in result.stdout

@@ -87,3 +87,55 @@ def test_file_lock_non_blocking_and_timeout(tmp_path: Path) -> None:
     with second:
         assert second.held
     assert not second.held
+
+
+UNPRIV_REMOVE = """
+import os, stat, sys
+from stagerd import fstree
+base = sys.argv[1]
+outside = os.path.join(base, "outside")
+os.makedirs(os.path.join(outside, "keep"))
+os.chmod(outside, 0o555)
+tree = os.path.join(base, "tree")
+os.makedirs(os.path.join(tree, "ro/deeper"))
+open(os.path.join(tree, "ro/deeper/f"), "w").write("x")
+os.makedirs(os.path.join(tree, "zero/inner"))
+os.makedirs(os.path.join(tree, "wx"))
+os.symlink(outside, os.path.join(tree, "ro/link-out"))
+os.chmod(os.path.join(tree, "ro/deeper"), 0o555)
+os.chmod(os.path.join(tree, "ro"), 0o555)
+os.chmod(os.path.join(tree, "zero/inner"), 0)
+os.chmod(os.path.join(tree, "zero"), 0)
+os.chmod(os.path.join(tree, "wx"), 0o333)
+os.chmod(tree, 0o555)
+fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+fstree.remove_tree("tree", fd)
+print(oct(stat.S_IMODE(os.stat(outside).st_mode)), os.path.exists(tree),
+      os.path.isdir(os.path.join(outside, "keep")))
+"""
+
+
+def test_remove_tree_as_an_unprivileged_user_restores_owner_rights_never_through_links() -> None:
+    """Root's DAC override would hide this: run as the unprivileged user (tests/unpriv.py)."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import ROOT
+    from tests.unpriv import as_user, remove_user_dir, user_dir
+
+    # stdlib + stagerd only: the system python3 is one the user can always run.
+    python = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+    base = user_dir("stagerd-fstree-")
+    try:
+        done = subprocess.run(
+            as_user(["env", f"PYTHONPATH={ROOT}", python, "-c", UNPRIV_REMOVE, str(base)]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        # The link's target kept its 0555: chmod never went through the symlink.
+        assert done.stdout.split() == ["0o555", "False", "True"]
+    finally:
+        remove_user_dir(base)

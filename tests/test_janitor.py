@@ -260,7 +260,7 @@ def test_no_s3_settings_skips_uploads_without_failing(
     bare = settings.replace(s3_endpoint=None, s3_bucket=None, database_url=None)
     report = run_janitor(bare, JanitorOptions())
     assert report.ok
-    assert [s.split(":")[0] for s in report.skipped] == ["uploads", "ledger"]
+    assert [s.split(":")[0] for s in report.skipped] == ["uploads", "ledger", "reconcile"]
 
 
 def test_stale_multipart_uploads_aborted_fresh_ones_kept(s3_client: Any, s3_bucket: str) -> None:

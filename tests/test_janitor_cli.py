@@ -31,6 +31,7 @@ KEYS = [
     "dead_lettered",
     "aborted_uploads",
     "errors",
+    "reenqueued",
 ]
 
 # A worker-like child: register with the queue, pop one job, reserve scratch for it and

@@ -43,3 +43,17 @@ def test_secrets_are_redacted_in_messages_and_extras() -> None:
         RedactingFilter.secrets.remove("topsecret-abc")
     assert "xy" not in RedactingFilter.secrets
     assert isinstance(JsonFormatter(), logging.Formatter)
+
+
+def test_json_traceback_field_is_redacted() -> None:
+    # Library exception text (a DSN echoed by a parser) rides in tracebacks, which the
+    # record filter never sees: the formatter redacts the rendered trace too.
+    register_secrets(["tb-secret-value-123"])
+    logger, out = _capture(True)
+    try:
+        raise ValueError("bad conninfo 'password=tb-secret-value-123 host=x'")
+    except ValueError:
+        logger.error("failed", exc_info=True)
+    record = json.loads(out.getvalue().splitlines()[-1])
+    assert "ValueError" in record["exc"]
+    assert "tb-secret-value-123" not in out.getvalue()

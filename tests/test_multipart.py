@@ -289,3 +289,46 @@ def test_small_file_goes_up_in_one_verified_put(
     assert _uploads(s3_client, settings.s3_bucket) == []
     again = upload_file(_target(settings), path, _opts())  # a rerun verifies the plain-MD5 ETag
     assert again.already_complete and again.uploaded_bytes == 0 and again.sha256 == result.sha256
+
+
+class _RacingClient:
+    """A real client whose first ListParts loses a race: a concurrent run aborts the
+    upload between our ListMultipartUploads and our ListParts (issue 16's flaky 404)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.raced = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_paginator(self, name: str) -> Any:
+        paginator = self._client.get_paginator(name)
+        if name != "list_parts" or self.raced:
+            return paginator
+        client, racer = self._client, self
+
+        class _Racing:
+            def paginate(self, **kw: Any) -> Any:
+                racer.raced += 1
+                client.abort_multipart_upload(
+                    Bucket=kw["Bucket"], Key=kw["Key"], UploadId=kw["UploadId"]
+                )
+                return paginator.paginate(**kw)
+
+        return _Racing()
+
+
+def test_upload_vanishing_between_list_and_list_parts_starts_over(
+    settings: Any, s3_client: Any, tmp_path: Path
+) -> None:
+    path = _file(tmp_path, 17 * MiB)
+    bucket = settings.s3_bucket
+    # Leave an interrupted upload behind, so the next run finds it and lists its parts.
+    created = s3_client.create_multipart_upload(Bucket=bucket, Key=KEY)["UploadId"]
+    racing = _RacingClient(get_s3_client(settings))
+    result = upload_file(_target(settings, racing), path, _opts())
+    assert racing.raced == 1
+    assert result.size == path.stat().st_size and result.resumed_bytes == 0
+    assert _object(s3_client, bucket) == path.read_bytes()
+    assert created not in [u["UploadId"] for u in _uploads(s3_client, bucket)]

@@ -11,17 +11,20 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from stagerd.errors import ConfigError, ProcessorFailed
+from stagerd.errors import ConfigError, ProcessorFailed, ResultsRejected
 from stagerd.processor import (
     PersistentProcessor,
+    ProcessOutcome,
     ProcessRequest,
     make_processor,
     read_results,
     scrub_env,
 )
+from stagerd.results import ResultLimits
 from stagerd.samples.makebatch import make_batch
 
 PY = shlex.quote(sys.executable)
@@ -38,6 +41,11 @@ def batch(tmp_path: Path, batch_id: str = "b1", files: int = 3) -> ProcessReques
     with tarfile.open(archive.path) as tar:
         tar.extractall(input_dir)
     return ProcessRequest(batch_id, batch_dir, input_dir, batch_dir / "results.jsonl")
+
+
+def loaded(outcome: ProcessOutcome) -> list[tuple[str, Any]]:
+    """The streamed, validated rows of *outcome*, parsed (small test files only)."""
+    return [(item, json.loads(raw.text)) for item, raw in outcome.results]
 
 
 def dead(pid: int) -> bool:
@@ -62,8 +70,9 @@ def test_oneshot_runs_wavinfo_and_returns_validated_results(tmp_path: Path) -> N
     proc = make_processor(WAVINFO, env=ENV)
     outcome = proc.run(req, timeout=30)
     proc.close()
-    assert [item for item, _ in outcome.results] == ["000001.wav", "000002.wav", "000003.wav"]
-    first = outcome.results[0][1]
+    rows = loaded(outcome)
+    assert [item for item, _ in rows] == ["000001.wav", "000002.wav", "000003.wav"]
+    first = rows[0][1]
     assert first["sample_rate"] == 16000 and first["channels"] == 1
     assert first["duration"] == pytest.approx(1.0) and first["bytes"] == 32044
     assert outcome.seconds > 0
@@ -91,7 +100,7 @@ def test_child_env_has_batch_vars_and_no_secrets(tmp_path: Path) -> None:
         "CUDA_VISIBLE_DEVICES": "0",
     }
     outcome = make_processor(f"{PY} -c {shlex.quote(script)}", env=env).run(req, timeout=30)
-    [(_, result)] = outcome.results
+    [(_, result)] = loaded(outcome)
     child = result["env"]
     for secret in ("S3_ACCESS_KEY", "S3_SECRET_KEY", "DATABASE_URL", "REDIS_URL", "PGPASSWORD",
                    "SMTP_PASSWORD", "MY_SECRET_THING", "aws_secret_access_key", "HF_TOKEN"):  # fmt: skip
@@ -109,8 +118,12 @@ def test_output_lines_are_logged_with_the_batch_id(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     req = batch(tmp_path, "b-log")
-    with caplog.at_level(logging.INFO, logger="stagerd"):
-        make_processor("sh -c 'echo to-stdout; echo to-stderr >&2'", env=ENV).run(req, timeout=30)
+    command = "sh -c 'echo to-stdout; echo to-stderr >&2'"
+    with (
+        caplog.at_level(logging.INFO, logger="stagerd"),
+        pytest.raises(ProcessorFailed, match="no results file"),
+    ):
+        make_processor(command, env=ENV).run(req, timeout=30)
     lines = {(r.stream, r.getMessage()) for r in caplog.records if hasattr(r, "stream")}  # type: ignore[attr-defined]
     assert ("stdout", "processor stdout [b-log]: to-stdout") in lines
     assert ("stderr", "processor stderr [b-log]: to-stderr") in lines
@@ -148,28 +161,68 @@ def test_stop_event_kills_the_processor(tmp_path: Path) -> None:
     ("content", "why"),
     [
         ("not json\n", "line 1 is not JSON"),
-        ('{"item": "a"}\n[1, 2]\n', "line 2 lacks a string 'item'"),
-        ('{"item": 7}\n', "lacks a string 'item'"),
-        ('{"item": "a"}\n{"item": "a"}\n', "repeats item 'a'"),
+        ('{"item": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ('{"item": 7}\n', "lacks a non-empty string 'item'"),
+        ('{"item": "a"}\n{"item": "a"}\n', "repeat item 'a'"),
+        ('{"item": "a", "v": NaN}\n', "NaN is not valid JSON"),
+        ('{"item": "a", "v": "x\\u0000y"}\n', "NUL character"),
+        ('{"item": "a", "v\\ud800": 1}\n', "lone UTF-16 surrogate"),
+        ('{"item": "a", "v": "\\udc80"}\n', "lone UTF-16 surrogate"),
+        ('{"item": "' + "x" * 2049 + '"}\n', "item is longer than 2048 bytes"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply|not a JSON object"),
     ],
 )
 def test_bad_results_files_fail(tmp_path: Path, content: str, why: str) -> None:
     path = tmp_path / "results.jsonl"
     path.write_text(content)
-    with pytest.raises(ProcessorFailed, match=why):
+    with pytest.raises(ResultsRejected, match=why):
         read_results(path)
 
 
-def test_missing_results_file_means_no_results(tmp_path: Path) -> None:
+def test_results_file_rules(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"item": "a", "v": "\xff"}\n')
+    with pytest.raises(ResultsRejected, match="not UTF-8"):
+        read_results(path)
+    path.write_text('{"item": "a"}\n{"stagerd": "end", "count": 2}\n')
+    with pytest.raises(ProcessorFailed, match="truncated: the trailer says 2 rows"):
+        read_results(path)
+    path.write_text('{"item": "a"}\n' * 4)
+    with pytest.raises(ResultsRejected, match="more than 3 results"):
+        read_results(path, ResultLimits(max_results=3))
+    path.write_text('{"item": "a", "pad": "' + "x" * 100 + '"}\n')
+    with pytest.raises(ResultsRejected, match="longer than 64 bytes"):
+        read_results(path, ResultLimits(max_row_bytes=64))
+    (tmp_path / "elsewhere").write_text('{"item": "secret"}\n')
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ProcessorFailed, match="unreadable"):
+        read_results(path)
+
+
+def test_zero_results_need_the_explicit_trailer(tmp_path: Path) -> None:
     req = batch(tmp_path)
     req.results_path.write_text("stale from an earlier attempt\n")
-    assert make_processor("true", env=ENV).run(req, timeout=30).results == []
+    with pytest.raises(ProcessorFailed, match="no results file"):
+        make_processor("true", env=ENV).run(req, timeout=30)
+    empty = make_processor("sh -c ': > \"$STAGERD_RESULTS\"'", env=ENV)
+    with pytest.raises(ProcessorFailed, match="no results for a non-empty input"):
+        empty.run(req, timeout=30)
+    trailer = "import json, os; open(os.environ['STAGERD_RESULTS'], 'w').write(json.dumps({'stagerd': 'end', 'count': 0}))"
+    said_so = f"{PY} -c {shlex.quote(trailer)}"
+    assert len(make_processor(said_so, env=ENV).run(req, timeout=30).results) == 0
+    for name in os.listdir(req.input_dir):
+        (req.input_dir / name).unlink()
+    assert len(make_processor("true", env=ENV).run(req, timeout=30).results) == 0
 
 
 def test_bad_results_from_a_real_run_fail(tmp_path: Path) -> None:
     req = batch(tmp_path)
-    with pytest.raises(ProcessorFailed, match="not JSON"):
-        make_processor("sh -c 'echo nope > \"$STAGERD_RESULTS\"'", env=ENV).run(req, timeout=30)
+    outcome = make_processor("sh -c 'echo nope > \"$STAGERD_RESULTS\"'", env=ENV).run(
+        req, timeout=30
+    )
+    with pytest.raises(ResultsRejected, match="not JSON"):
+        loaded(outcome)
 
 
 def test_bad_commands_and_modes_are_config_errors() -> None:
@@ -260,7 +313,7 @@ def test_persistent_child_env_has_no_secrets(tmp_path: Path) -> None:
     env = {**ENV, "S3_SECRET_KEY": "s3-secret", "DATABASE_URL": "postgresql://u:pw@h/d"}
     proc = make_processor(f"{PY} -c {shlex.quote(script)}", "persistent", env=env)
     try:
-        [(_, result)] = proc.run(batch(tmp_path, "p1"), timeout=30).results
+        [(_, result)] = loaded(proc.run(batch(tmp_path, "p1"), timeout=30))
     finally:
         proc.close()
     assert "S3_SECRET_KEY" not in result["env"] and "DATABASE_URL" not in result["env"]

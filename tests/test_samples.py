@@ -67,7 +67,8 @@ def test_wavinfo_reads_headers_and_flags_broken_files(tmp_path: Path) -> None:
     (input_dir / "notes.txt").write_text("ignored")
     results = tmp_path / "results.jsonl"
     assert process_dir(input_dir, results) == 3
-    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    *rows, trailer = [json.loads(line) for line in results.read_text().splitlines()]
+    assert trailer == {"stagerd": "end", "count": 3}
     assert [r["item"] for r in rows] == ["000001.wav", "000002.wav", "sub/broken.WAV"]
     assert rows[0] == {
         "item": "000001.wav", "bytes": 16044, "channels": 1, "duration": 1.0, "frames": 8000,
@@ -88,7 +89,7 @@ def test_wavinfo_oneshot_cli(tmp_path: Path) -> None:
     proc = run_module("stagerd.samples.wavinfo", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "batch b9: 2 files" in proc.stdout
-    assert len(results.read_text().splitlines()) == 2
+    assert len(results.read_text().splitlines()) == 2 + 1  # and the trailer
     failed = run_module("stagerd.samples.wavinfo", "--fail", env=env)
     assert failed.returncode == 1 and "failing as asked" in failed.stderr
     unset = run_module("stagerd.samples.wavinfo", env=base_env())
@@ -111,4 +112,4 @@ def test_wavinfo_persistent_protocol(tmp_path: Path) -> None:
     assert answers[0] == {"batch_id": "p1", "ok": True}
     assert answers[1]["ok"] is False and answers[1]["batch_id"] is None
     assert answers[2]["batch_id"] == "p2" and answers[2]["ok"] is False and answers[2]["error"]
-    assert len((tmp_path / "1.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "1.jsonl").read_text().splitlines()) == 2 + 1  # and the trailer

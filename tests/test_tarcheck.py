@@ -24,10 +24,6 @@ def make_tar(
             info = tarfile.TarInfo(f"batch/{'x' * 120}-{i}.wav")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("batch/link")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "batch/a.wav"
-        tar.addfile(link)
     return path
 
 
@@ -44,7 +40,7 @@ def test_counts_regular_files_only(tmp_path: Path, fmt: int) -> None:
         return
     summary = check_tar(make_tar(tmp_path / "a.tar", files=5, fmt=fmt))
     assert summary.file_count == 5
-    assert summary.members == 7  # dir + 5 files + symlink
+    assert summary.members == 6  # dir + 5 files
 
 
 def test_pax_size_record_overrides_header(tmp_path: Path) -> None:
@@ -140,3 +136,25 @@ def test_base256_size_field(tmp_path: Path) -> None:
 def test_missing_file_raises_oserror(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         check_tar(tmp_path / "nope.tar")
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        (tarfile.SYMTYPE, "symbolic link"),
+        (tarfile.LNKTYPE, "hard link"),
+        (tarfile.FIFOTYPE, "fifo"),
+    ],
+)
+def test_members_extraction_refuses_are_refused_before_upload(
+    tmp_path: Path, kind: bytes, why: str
+) -> None:
+    # One parser on both sides: what the worker would refuse never gets uploaded.
+    path = make_tar(tmp_path / "a.tar", files=1)
+    with tarfile.open(path, "a") as tar:
+        link = tarfile.TarInfo("batch/link")
+        link.type = kind
+        link.linkname = "batch/a.wav"
+        tar.addfile(link)
+    with pytest.raises(ArchiveRejected, match=why):
+        check_tar(path)

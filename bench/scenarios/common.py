@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -15,11 +16,16 @@ from bench.peers import Command
 
 
 def run_command(
-    cmd: Command, *, scratch: Sequence[Path] = (), timeout: float = 3600.0
+    cmd: Command,
+    *,
+    scratch: Sequence[Path] = (),
+    timeout: float = 3600.0,
+    server: Sequence[int] = (),
 ) -> tuple[Sample, str]:
-    """Run *cmd* measured; a non-zero exit raises RunFailed with the tail of stderr."""
+    """Run *cmd* measured (*server*: the S3 server's pids, see run_measured); a non-zero exit
+    raises RunFailed with the tail of stderr."""
     sample, out, err = run_measured(
-        cmd.argv, env=cmd.env, cwd=STAGERD_ROOT, scratch=scratch, timeout=timeout
+        cmd.argv, env=cmd.env, cwd=STAGERD_ROOT, scratch=scratch, timeout=timeout, server=server
     )
     if sample.returncode != 0:
         raise RunFailed.of(Path(cmd.argv[0]).name + " " + " ".join(cmd.argv[1:3]), sample, err, out)
@@ -47,13 +53,7 @@ def last_json(stdout: str) -> dict[str, Any]:
 
 
 def with_extra(sample: Sample, **extra: Any) -> Sample:
-    return Sample(
-        sample.seconds,
-        sample.peak_rss,
-        sample.peak_scratch,
-        sample.returncode,
-        {**sample.extra, **extra},
-    )
+    return dataclasses.replace(sample, extra={**sample.extra, **extra})
 
 
 def clear(ctx: BenchContext, path: Path) -> None:

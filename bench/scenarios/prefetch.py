@@ -27,7 +27,7 @@ from bench.scenarios.common import migrate_once, run_command, with_extra
 SCRIPT = """#!/bin/sh
 echo "start $STAGERD_BATCH_ID $(date +%s.%N)" >> {log}
 sleep {seconds:.3f}
-: > "$STAGERD_RESULTS"
+echo '{{"stagerd": "end", "count": 0}}' > "$STAGERD_RESULTS"
 echo "end $STAGERD_BATCH_ID $(date +%s.%N)" >> {log}
 """
 

@@ -24,11 +24,13 @@ from bench.context import STAGERD_ROOT, BenchContext, stagerd_has
 from bench.data import Archive
 from bench.measure import Poller, Sample, kill_session
 from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
-from bench.peers import UPLOADERS, Command, Uploader
+from bench.peers import Command, Uploader, uploaders
 from bench.scenarios.common import last_json, run_command, with_extra
 
 NAME = "resume"
 KILL_AT = 0.5
+# --quick keeps its seconds: the peers it has always run (each is a kill plus a full rerun).
+QUICK_PEERS = ("s5cmd cp", "rclone copyto", "boto3 upload_file")
 
 
 def run(ctx: BenchContext) -> ScenarioResult:
@@ -38,6 +40,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
         NAME,
         "Resume after SIGKILL at 50% of an upload: bytes re-sent",
         {"archive_bytes": archive.size, "kill_at": KILL_AT},
+        nbytes=archive.size,
     )
     contenders = []
     missing = stagerd_has("commands.transfer")
@@ -46,10 +49,12 @@ def run(ctx: BenchContext) -> ScenarioResult:
     else:
         make = _stagerd_cmd(ctx, archive)
         contenders.append(Contender("stagerd", _runner(ctx, archive, make, stagerd=True), True))
-    for peer, build in UPLOADERS.items():
+    for peer, (build, role) in uploaders().items():
+        if ctx.quick and peer not in QUICK_PEERS:
+            continue  # the upload scenario already runs these commands in --quick
         # One round each: a peer re-sends the whole file by design, the round only shows it.
         runner = _runner(ctx, archive, _peer_cmd(ctx, archive, build))
-        contenders.append(Contender(peer, runner, max_rounds=1))
+        contenders.append(Contender(peer, runner, max_rounds=1, role=role))
     result.contenders = interleave(contenders, ctx.rounds)
     result.add_ratios("resent_fraction")
     if not missing and result.contenders[0].ok:
@@ -93,7 +98,7 @@ def _runner(
             killed = kill_midway(ctx, cmd, bucket, key, archive.size)
             if stagerd and not killed["killed"]:
                 raise RunFailed(f"stagerd finished before {KILL_AT:.0%} could be observed")
-            sample, out = run_command(cmd)
+            sample, out = run_command(cmd, server=ctx.server_pids)
             client = ctx.s3_client()
             if client.head_object(Bucket=bucket, Key=key)["ContentLength"] != archive.size:
                 raise RunFailed("rerun left an object of the wrong size")

@@ -5,7 +5,9 @@ Both pipelines run as daemons started before the clock, the way they run in prod
 one warm-up batch goes through first so neither is billed for its start-up. The clock runs
 from the first archive renamed into the inbox to the N-th batch's row in PostgreSQL. The peer
 is the seed's flow with the obvious loops around it (bench/naive.py: watch + upload_file +
-RPUSH; BLPOP + download_file + extractall + processor + INSERT).
+RPUSH; BLPOP + download_file + extractall + processor + INSERT), and the same loops moving
+the archives with s5cmd, with obstore, and with s5cmd plus SHA-256 checked end to end (the
+verifying peer). CPU is both daemons' process trees over the timed span, per batch.
 """
 
 from __future__ import annotations
@@ -20,20 +22,23 @@ from pathlib import Path
 
 from bench import data
 from bench.context import BenchContext, stagerd_has
-from bench.measure import Sample
+from bench.measure import Sample, tree_cpu
 from bench.model import Check, Contender, RunFailed, ScenarioResult, interleave
 from bench.peers import Command
 from bench.scenarios.common import migrate_once, with_extra
 from bench.scenarios.daemons import daemons, log_tail, wait_for
 
 NAME = "tiny"
-NOOP = '#!/bin/sh\n# bench no-op processor: an empty results file, exit 0\n: > "$STAGERD_RESULTS"\n'
+NOOP = (
+    "#!/bin/sh\n# bench no-op processor: no results (said explicitly by the trailer), exit 0\n"
+    'echo \'{"stagerd": "end", "count": 0}\' > "$STAGERD_RESULTS"\n'
+)
 
 
 def run(ctx: BenchContext) -> ScenarioResult:
     n = ctx.sizes.tiny_batches
     result = ScenarioResult(NAME, f"{n} tiny batches end to end", {"batches": n})
-    result.columns = ["transfer_side_seconds"]
+    result.columns = ["transfer_side_seconds", "cpu_ms_per_batch"]
     missing = stagerd_has("commands.transfer", "commands.gpu", "db")
     archives = data.tiny_batches(ctx.data_dir, n + 1)
     noop = write_noop(ctx)
@@ -47,16 +52,42 @@ def run(ctx: BenchContext) -> ScenarioResult:
                     "stagerd (transfer watch + gpu)", _stagerd(ctx, bucket, archives, noop), True
                 )
             )
-        contenders.append(
-            Contender("naive (seed flow in loops)", _naive(ctx, bucket, archives, noop))
-        )
+        for name, via, verify, role in LOOPS:
+            if ctx.quick and name not in QUICK_LOOPS:
+                continue
+            run = _naive(ctx, bucket, archives, noop, via, verify)
+            contenders.append(Contender(name, run, role=role))
         result.contenders = interleave(contenders, ctx.rounds)
     result.add_ratios("batches_per_s")
     if not missing and result.contenders[0].ok:
         rate = result.contenders[0].median("batches_per_s")
-        result.checks.append(Check("stagerd end-to-end batches/s", rate, ">=", 20, "/s"))
+        result.checks.append(Check("stagerd end-to-end batches/s", rate, ">=", 50, "/s"))
+        _cpu_check(result)
         result.add_rss_check()
     return result
+
+
+# The peer loops (bench/naive.py with VIA): the seed's boto3 flow, one s5cmd process per
+# transfer, obstore in-process, and the verifying peer (s5cmd + SHA-256 on both sides, as
+# in the other scenarios). --quick runs the seed's flow and the verifying one.
+LOOPS = (
+    ("naive (seed flow in loops)", "boto3", False, "peer"),
+    ("s5cmd in loops", "s5cmd", False, "peer"),
+    ("obstore in loops", "obstore", False, "peer"),
+    ("s5cmd + SHA-256 in loops", "s5cmd", True, "verify"),
+)
+QUICK_LOOPS = ("naive (seed flow in loops)", "s5cmd + SHA-256 in loops")
+
+
+def _cpu_check(result: ScenarioResult) -> None:
+    """CPU per batch (both pipelines' process trees) <= 1.3x the verifying loops'."""
+    mine = result.contenders[0]
+    verify = next((c for c in result.contenders if c.role == "verify" and c.ok), None)
+    if verify is None:
+        return
+    ratio = mine.median("cpu_ms_per_batch") / verify.median("cpu_ms_per_batch")
+    label = f"CPU per batch vs verifying peer ({verify.name})"
+    result.checks.append(Check(label, ratio, "<=", 1.3))
 
 
 def write_noop(ctx: BenchContext) -> Path:
@@ -110,6 +141,8 @@ def _drive(
         try:
             os.rename(inputs[0], inbox / inputs[0].name)
             wait_for("the warm-up batch", lambda: count() >= 1, 120, procs)
+            pids = [p.pid for p in procs]
+            cpu_before, server_before = tree_cpu(pids), tree_cpu(ctx.server_pids)
             started = time.perf_counter()
             for path in inputs[1:]:
                 os.rename(path, inbox / path.name)
@@ -123,6 +156,8 @@ def _drive(
 
             wait_for(f"{len(inputs)} batches", finished, 600, procs)
             seconds = time.perf_counter() - started
+            cpu = tree_cpu(pids) - cpu_before
+            server_cpu = tree_cpu(ctx.server_pids) - server_before
         except RunFailed as exc:
             raise RunFailed(f"{exc}\n{log_tail(logs)}") from None
         peak = max(poller.peak_rss.values())
@@ -136,7 +171,10 @@ def _drive(
             "batches_per_s": n / seconds,
             "transfer_side_seconds": marks.get("transfer", seconds),
             "per_process_peak_rss": list(poller.peak_rss.values()),
+            "cpu_ms_per_batch": 1000 * cpu / n,
         },
+        cpu_seconds=cpu,
+        server_cpu_seconds=server_cpu if ctx.server_pids else None,
     )
 
 
@@ -179,7 +217,12 @@ def ledger_medians(ctx: BenchContext, prefix: str) -> dict[str, float]:
 
 
 def _naive(
-    ctx: BenchContext, bucket: str, archives: list[data.Archive], noop: Path
+    ctx: BenchContext,
+    bucket: str,
+    archives: list[data.Archive],
+    noop: Path,
+    via: str = "boto3",
+    verify: bool = False,
 ) -> Callable[[int], Sample]:
     def once(_round: int) -> Sample:
         prefix = f"naive{uuid.uuid4().hex[:6]}"
@@ -188,8 +231,10 @@ def _naive(
         queue = f"bench:{prefix}:queue:unpack"
         env = {**ctx.stagerd_env(bucket, scratch)}
         n = str(len(inputs))
-        produce = [ctx.python, "-m", "bench.naive", "produce", str(inbox), queue, n]
+        tail = [via, *(["verify"] if verify else [])]
+        produce = [ctx.python, "-m", "bench.naive", "produce", str(inbox), queue, n, *tail]
         consume = [ctx.python, "-m", "bench.naive", "consume", n, queue, str(noop), str(scratch)]
+        consume += tail
         count = _pg_count(ctx, "naive_batches", prefix, done_only=False)
         return _drive(
             ctx, [Command(consume, env), Command(produce, env)], inputs, inbox, count, prefix

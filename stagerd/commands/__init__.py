@@ -32,12 +32,11 @@ class AppState:
 
 def secret_values(settings: Settings) -> list[str | None]:
     """The secret strings of *settings*, for the log redaction filter."""
-    from urllib.parse import urlsplit
+    from stagerd.config import url_passwords
 
     values: list[str | None] = [settings.s3_access_key, settings.s3_secret_key]
     for url in (settings.redis_url, settings.database_url):
-        if url and "://" in url:
-            values.append(urlsplit(url).password)
+        values.extend(url_passwords(url))
     return values
 
 

@@ -36,8 +36,9 @@ def doctor(
         )
     else:
         for c in checks:
-            typer.echo(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<13} {c.detail}")
-            if not c.ok and c.hint:
+            verdict = "FAIL" if not c.ok else "WARN" if c.warn else "PASS"
+            typer.echo(f"{verdict}  {c.name:<13} {c.detail}")
+            if (not c.ok or c.warn) and c.hint:
                 typer.echo(f"{'':<6}{'':<13} hint: {c.hint}")
     if not ok:
         raise typer.Exit(1)

@@ -73,7 +73,7 @@ def gpu(
     ] = None,
 ) -> None:
     """Consume the queue: reserve scratch, stage, process, record results in PostgreSQL."""
-    from stagerd import sdnotify
+    from stagerd import proctree, sdnotify
     from stagerd.errors import UsageError
     from stagerd.worker import PROCESSOR_MODES, WorkerOptions, run
 
@@ -95,6 +95,8 @@ def gpu(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    # Starve the watchdog once a slot has shown no progress for 3/4 of WatchdogSec.
+    interval = sdnotify.watchdog_seconds()
     options = WorkerOptions(
         concurrency=concurrency,
         prefetch=prefetch,
@@ -107,6 +109,9 @@ def gpu(
         worker_id=worker_id,
         on_ready=lambda: sdnotify.ready("connected; consuming " + settings.queue),
         on_tick=on_tick,
+        stall_limit=0.75 * interval if interval else WorkerOptions.stall_limit,
     )
+    # Before any processor starts: its same-user code must not read our memory/environ.
+    proctree.harden_worker()
     run(settings, options, stop)
     sdnotify.stopping()

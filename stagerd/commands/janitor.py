@@ -70,6 +70,8 @@ def _human(report: JanitorReport) -> str:
         f"{len(report.requeued_jobs)}, dead-lettered {len(report.dead_lettered)}",
         f"uploads: {'would abort' if report.dry_run else 'aborted'} {len(report.aborted_uploads)}",
     ]
+    if report.reenqueued:
+        lines.append(f"reconcile: re-enqueued {len(report.reenqueued)} lost batches")
     if report.ledger_requeued:
         lines.append(f"ledger: marked {len(report.ledger_requeued)} batches requeued")
     lines += [f"removed {path}" for path in report.removed]

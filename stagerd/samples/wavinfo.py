@@ -4,7 +4,7 @@ Oneshot (what ``STAGERD_PROCESSOR="python -m stagerd.samples.wavinfo"`` runs per
 reads ``$STAGERD_INPUT_DIR`` recursively, writes ``$STAGERD_RESULTS`` (JSONL, one object
 per ``*.wav`` with ``item`` = its path relative to the input dir, ``duration``,
 ``sample_rate``, ``channels``, ``sample_width``, ``frames``, ``bytes``; an unreadable file
-gets ``error`` instead), exits 0.
+gets ``error`` instead) and the trailer ``{"stagerd": "end", "count": N}``, exits 0.
 
 ``--persistent``: started once; reads one JSON request per line on stdin
 (``{"batch_id", "input_dir", "results", "batch_dir"}``) and answers one JSON line per
@@ -53,6 +53,8 @@ def process_dir(input_dir: Path, results: Path) -> int:
     with results.open("w", encoding="utf-8") as out:
         for path in paths:
             out.write(json.dumps(wav_info(path, input_dir), sort_keys=True) + "\n")
+        # The trailer: the file is complete, and a batch without WAVs really has no results.
+        out.write(json.dumps({"stagerd": "end", "count": len(paths)}) + "\n")
     return len(paths)
 
 

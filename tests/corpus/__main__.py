@@ -1,0 +1,3 @@
+from tests.corpus import write_corpus
+
+write_corpus()

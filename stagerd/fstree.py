@@ -53,19 +53,36 @@ def _open_subdir(name: str, parent_fd: int, seen: os.stat_result) -> int:
     return fd
 
 
+def _check_same(fd: int, seen: os.stat_result, name: str) -> None:
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+        raise OSError(errno.ESTALE, f"{name!r} changed while walking it")
+
+
 def restore_owner_rwx(name: str, parent_fd: int, seen: os.stat_result) -> None:
     """Add u+rwx to the directory *name* (the inode *seen*) without following a link.
 
-    Tries, in order: an fd opened ``O_NOFOLLOW`` (needs read permission), then
-    ``fchmodat2(AT_SYMLINK_NOFOLLOW)``. Raises OSError if neither works."""
+    Tries, in order: an fd opened ``O_NOFOLLOW`` (needs read permission); an ``O_PATH``
+    fd (needs none) changed through its ``/proc/self/fd`` link, which names the inode
+    itself, so no path is followed again (what glibc does for ``lchmod``; works on every
+    kernel, Debian 12's 6.1 included); then ``fchmodat2(AT_SYMLINK_NOFOLLOW)`` (Linux
+    6.6+) where /proc is not mounted. Raises OSError if none works."""
     mode = stat.S_IMODE(seen.st_mode) | _OWNER_RWX
     with contextlib.suppress(PermissionError):
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
         try:
-            now = os.fstat(fd)
-            if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
-                raise OSError(errno.ESTALE, f"{name!r} changed while walking it")
+            _check_same(fd, seen, name)
             os.fchmod(fd, mode)
+            return
+        finally:
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):  # no /proc: try fchmodat2 below
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            _check_same(fd, seen, name)
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(errno.ENOTDIR, f"{name!r} is no longer a directory")
+            os.chmod(f"/proc/self/fd/{fd}", mode)
             return
         finally:
             os.close(fd)

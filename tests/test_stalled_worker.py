@@ -101,6 +101,9 @@ def test_stalled_worker_is_fenced_then_its_next_batch_survives_sigkill(
             60,
             "s2 processing on w-stall",
         )
+        # The phase is set before the processor starts (under its reaper): kill only once
+        # the processor has really begun, so "killed mid-processing" is what happens.
+        wait_for(lambda: processor_runs(runs).count("s2") == 1, 60, "s2's processor started")
         stalled.kill()
         status = run_cli(["status", "--json"], env=env)
         assert status.returncode in (0, 1), status.stderr

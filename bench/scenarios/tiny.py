@@ -13,8 +13,10 @@ verifying peer). CPU is both daemons' process trees over the timed span, per bat
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -142,7 +144,9 @@ def _drive(
             os.rename(inputs[0], inbox / inputs[0].name)
             wait_for("the warm-up batch", lambda: count() >= 1, 120, procs)
             pids = [p.pid for p in procs]
-            cpu_before, server_before = tree_cpu(pids), tree_cpu(ctx.server_pids)
+            cpu_before = {pid: tree_cpu([pid]) for pid in pids}
+            children_before = _children_cpu()
+            server_before = tree_cpu(ctx.server_pids)
             started = time.perf_counter()
             for path in inputs[1:]:
                 os.rename(path, inbox / path.name)
@@ -156,7 +160,7 @@ def _drive(
 
             wait_for(f"{len(inputs)} batches", finished, 600, procs)
             seconds = time.perf_counter() - started
-            cpu = tree_cpu(pids) - cpu_before
+            cpu = _window_cpu(procs, cpu_before, children_before)
             server_cpu = tree_cpu(ctx.server_pids) - server_before
         except RunFailed as exc:
             raise RunFailed(f"{exc}\n{log_tail(logs)}") from None
@@ -214,6 +218,25 @@ def ledger_medians(ctx: BenchContext, prefix: str) -> dict[str, float]:
         for i, name in enumerate(phases)
         if any(r[i] is not None for r in rows)
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _window_cpu(
+    procs: list[subprocess.Popen[bytes]], before: dict[int, float], children_before: float
+) -> float:
+    """CPU of the daemons' trees since *before*. A daemon that already exited (the naive
+    loops stop after N batches) is gone from /proc, so its share comes from what this
+    process collected when it reaped it (RUSAGE_CHILDREN), minus what it had used before."""
+    live = [p.pid for p in procs if p.poll() is None]
+    total = sum(tree_cpu([pid]) - before[pid] for pid in live)
+    exited = [p.pid for p in procs if p.pid not in live]
+    if exited:
+        total += _children_cpu() - children_before - sum(before[pid] for pid in exited)
+    return total
 
 
 def _naive(

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagerd.errors import StagerdError
-from stagerd.log import get_logger, redact
+from stagerd.log import get_logger
+from stagerd.retry import brief
 
 log = get_logger(__name__)
 Probe = Callable[[], object]
@@ -33,14 +34,6 @@ def check_scratch_root(root: Path) -> None:
         raise ScratchRootMissing(
             f"STAGERD_SCRATCH_DIR {root}: not a directory (is the scratch volume mounted?)"
         )
-
-
-def brief(exc: BaseException) -> str:
-    """``Type: first line`` of *exc*, secrets redacted, bounded (for reasons and logs)."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    text = redact(text)
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from stagerd import trail
 from stagerd.errors import LeaseLost, ScratchUnavailable, ServiceUnavailable, StagerdError
-from stagerd.health import WorkerHealth, brief
+from stagerd.health import WorkerHealth
 from stagerd.lease import Fence, LeaseBook, current_progress
 from stagerd.log import get_logger
 from stagerd.resume import commit_with_retry
-from stagerd.retry import RetryPolicy, is_transient
+from stagerd.retry import RetryPolicy, brief, is_transient
 from stagerd.shutdown import ShutdownGuard
 
 if TYPE_CHECKING:

@@ -166,8 +166,12 @@ class RetryPolicy:
 
 
 def brief(exc: BaseException | None) -> str:
-    """An exception as one line: ``Type: first line of its message`` (at most 300 chars)."""
+    """An exception as one line for reasons and logs: ``Type: first line``, secrets
+    redacted, at most 300 characters. The one helper for that; every module calls it."""
+    from stagerd.log import redact
+
     if exc is None:
         return "?"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
+    lines = str(exc).strip().splitlines()
+    text = redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."

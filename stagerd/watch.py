@@ -34,9 +34,9 @@ from pathlib import Path
 
 from stagerd.config import Settings
 from stagerd.errors import ArchiveRejected, InvalidBatchId, StagerdError
-from stagerd.health import brief
 from stagerd.log import get_logger
 from stagerd.multipart import UploadInterrupted
+from stagerd.retry import brief
 from stagerd.transfer import Connections, TransferReport, TransferRequest, transfer
 
 log = get_logger(__name__)

@@ -145,12 +145,38 @@ def _local_lock(settings: Settings | None) -> Iterator[bool]:
         lock.release()
 
 
+def _settled_batches(settings: Settings) -> Callable[[str], bool]:
+    """Whether the ledger holds a batch as done or dead (asked only for scratch dirs with
+    uncommitted results); False when it cannot tell, so such a dir is kept."""
+
+    def settled(batch_id: str) -> bool:
+        if not settings.database_url:
+            return False
+        from stagerd.db import Ledger
+        from stagerd.pg import CLI_POLICY
+
+        ledger = Ledger(settings.database_url, policy=CLI_POLICY)
+        try:
+            row = ledger.batch(batch_id) if ledger.schema_ready() else None
+        except StagerdError:
+            return False
+        finally:
+            ledger.close()
+        return row is not None and row.state in ("done", "dead")
+
+    return settled
+
+
 def _scratch_parts(
     settings: Settings, options: JanitorOptions, report: JanitorReport, now: float
 ) -> None:
     try:
         swept = sweep_scratch(
-            settings.scratch_dir, min_age=options.min_age, dry_run=options.dry_run, now=now
+            settings.scratch_dir,
+            min_age=options.min_age,
+            dry_run=options.dry_run,
+            now=now,
+            settled=_settled_batches(settings),
         )
     except OSError as exc:
         report.fail("scratch", f"{settings.scratch_dir}: {exc.strerror or exc}")

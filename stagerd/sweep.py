@@ -17,6 +17,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,11 +95,19 @@ def check_scratch_root(root: Path, configured: Path) -> bool:
 
 
 def sweep_scratch(
-    root: Path, *, min_age: float, dry_run: bool = False, now: float | None = None
+    root: Path,
+    *,
+    min_age: float,
+    dry_run: bool = False,
+    now: float | None = None,
+    settled: Callable[[str], bool] | None = None,
 ) -> SweepResult:
     """Remove (or, dry, list) every unlocked entry of *root* older than *min_age* seconds.
 
-    Never raises for one bad entry: it lands in ``errors`` and the sweep goes on.
+    A directory holding processed-but-uncommitted results is kept for a day, unless
+    *settled* (the ledger) says its batch is done or dead already: another worker then
+    redid it, and the results can never be committed. Never raises for one bad entry: it
+    lands in ``errors`` and the sweep goes on.
     """
     root_fd = os.open(root, _ROOT_FLAGS)
     try:
@@ -109,6 +118,7 @@ def sweep_scratch(
             min_age=min_age,
             dry_run=dry_run,
             now=time.time() if now is None else now,
+            settled=settled or (lambda _name: False),
         )
         with os.scandir(root_fd) as it:
             entries = [e for e in it if e.name != STATE_DIR]
@@ -146,6 +156,7 @@ class _Sweep:
     min_age: float
     dry_run: bool
     now: float
+    settled: Callable[[str], bool]
     removed: list[str] = field(default_factory=list)
     kept_locked: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -183,7 +194,8 @@ class _Sweep:
             self.errors.append(f"scratch {path}: a mount point; not touching it")
             return
         age = self.now - max(st.st_mtime, st.st_ctime)
-        facts = EntryFacts(name, _kind(st), False, age, _processed(name, self.root_fd, st))
+        processed = _processed(name, self.root_fd, st) and not self.settled(name)
+        facts = EntryFacts(name, _kind(st), False, age, processed)
         if decide(facts, self.min_age) == KEEP_YOUNG:
             self.young += 1
             return

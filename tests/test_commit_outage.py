@@ -95,3 +95,25 @@ def test_the_janitor_keeps_processed_results_that_wait_for_their_commit() -> Non
     stale = EntryFacts("b", "dir", locked=False, age=PROCESSED_MIN_AGE + 1, processed=True)
     assert decide(stale, min_age=0.0) == REMOVE
     assert decide(EntryFacts("b", "dir", locked=False, age=3600.0), min_age=900.0) == REMOVE
+
+
+def test_the_janitor_removes_processed_results_whose_batch_another_worker_finished(
+    tmp_path: Path,
+) -> None:
+    """Found by the chaos run: a worker killed after processing, whose job another worker
+    then redid, left its results dir for a day. Once the ledger says the batch is done or
+    dead those results can never be committed, so the sweep treats them as any stale dir."""
+    import time
+
+    from stagerd.sweep import sweep_scratch
+
+    root = tmp_path / "scratch"
+    for name in ("finished", "waiting"):
+        (root / name).mkdir(parents=True)
+        (root / name / "processed.json").write_text("{}")
+        (root / name / "results.jsonl").write_text('{"item": "a"}\n')
+    # Two hours old (ctime cannot be set back, so the clock is moved on instead).
+    later = time.time() + 7200
+    swept = sweep_scratch(root, min_age=0.0, now=later, settled=lambda n: n == "finished")
+    assert swept.removed == [str(root / "finished")]
+    assert (root / "waiting" / "processed.json").exists()

@@ -200,11 +200,12 @@ def stagerd_has(*modules: str) -> str | None:
     The commands land on ``main`` one by one; a scenario whose stagerd side is missing still
     measures its peers and says what it is waiting for.
     """
-    missing = [
-        m
-        for m in modules
-        if not (STAGERD_ROOT / "stagerd" / (m.replace(".", "/") + ".py")).exists()
-    ]
+
+    def present(module: str) -> bool:
+        path = STAGERD_ROOT / "stagerd" / module.replace(".", "/")
+        return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+    missing = [m for m in modules if not present(m)]
     return f"stagerd.{', stagerd.'.join(missing)} not in this checkout yet" if missing else None
 
 

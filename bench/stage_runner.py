@@ -15,11 +15,11 @@ from dataclasses import asdict
 
 
 def main(argv: list[str]) -> None:
-    from stagerd.config import Settings
+    from stagerd.config.settings import Settings
+    from stagerd.gpu.stage import head_archive, stage_batch
     from stagerd.job import Job
-    from stagerd.s3 import get_s3_client
-    from stagerd.scratch import ScratchManager
-    from stagerd.stage import head_archive, stage_batch
+    from stagerd.s3.client import get_s3_client
+    from stagerd.scratch.space import ScratchManager
 
     batch_id, sha256 = argv[0], argv[1]
     keep = "--keep-archive" in argv

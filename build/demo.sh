@@ -40,7 +40,7 @@ step "prepare: bucket $S3_BUCKET, database stagerd_demo, schema"
 "$py" - <<'PY'
 import os, psycopg
 from botocore.exceptions import ClientError
-from stagerd.s3 import get_s3_client
+from stagerd.s3.client import get_s3_client
 client = get_s3_client()
 try:
     client.head_bucket(Bucket=os.environ["S3_BUCKET"])

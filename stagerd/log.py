@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from stagerd.config import REDACTED
+from stagerd.config.settings import REDACTED
 
 LOGGER_NAME = "stagerd"
 # Attributes of a LogRecord that are not user "extra" fields.

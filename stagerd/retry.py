@@ -133,7 +133,7 @@ class RetryPolicy:
             outcome = getattr(retry_state, "outcome", None)
             exc = outcome.exception() if outcome is not None else None
             number = getattr(retry_state, "attempt_number", 0)
-            from stagerd.lease import touch
+            from stagerd.liveness import touch
 
             touch()  # a bounded retry is a worker busy, not hung (the watchdog's measure)
             log.warning(

@@ -316,7 +316,7 @@ def stagerd_env(
 @pytest.fixture
 def settings(stagerd_env: dict[str, str]) -> Any:
     """In-process Settings equal to what a CLI run with ``stagerd_env`` sees."""
-    from stagerd.config import Settings
+    from stagerd.config.settings import Settings
 
     return Settings.from_env(environ=stagerd_env)
 

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from stagerd.config import S3Settings
+from stagerd.config.settings import S3Settings
 from stagerd.retry import RetryPolicy, is_transient
-from stagerd.s3 import get_s3_client
+from stagerd.s3.client import get_s3_client
 from tests.conftest import S3Server, make_s3_client
 from tests.faultproxy import FAULT_KINDS, FaultProxy, Head
 

@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stagerd.envfile import parse_env_text
+from stagerd.archive.extract import extract_tar
+from stagerd.archive.tarcheck import check_tar
+from stagerd.config.envfile import parse_env_text
 from stagerd.errors import ArchiveRejected, ConfigError, InvalidJob, StagerdError
-from stagerd.extract import extract_tar
-from stagerd.fetch import FileSource
 from stagerd.job import Job
-from stagerd.tarcheck import check_tar
+from stagerd.s3.fetch import FileSource
 from tests.corpus import HERE as CORPUS
 from tests.corpus import good_tar
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from stagerd import db
+from stagerd.db import ledger as db
 from stagerd.errors import ResultsRejected
+from stagerd.gpu.worker import WorkerOptions, run
 from stagerd.retry import RetryPolicy
-from stagerd.worker import WorkerOptions, run
 from tests.worker_support import WAVINFO, dead_letters, make_tar, put_batch, scratch_leftovers, wav
 
 FAST_STAGE = RetryPolicy(attempts=2, base=0.01, max_delay=0.05, total=5)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stagerd.job import Job
-from stagerd.keys import QueueKeys
+from stagerd.queue.keys import QueueKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 # The processor child gets a scrubbed copy of the worker's environment; pin PYTHONPATH so

@@ -44,7 +44,7 @@ def measure(ctx: BenchContext, name: str, k: float) -> ScenarioResult:
     n = ctx.sizes.prefetch_batches
     result = ScenarioResult(name, f"Prefetch, staging:processing = 1:{k:g}", {"batches": n})
     result.columns = ["idle_fraction", "batches_per_hour"]
-    missing = stagerd_has("commands.gpu", "db", "stage")
+    missing = stagerd_has("commands.gpu", "db", "gpu.stage")
     if missing:
         result.skipped = f"stagerd not measured: {missing} (prefetch has no peer: none overlaps)"
         return result

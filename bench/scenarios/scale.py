@@ -134,7 +134,7 @@ def run_upload(ctx: BenchContext) -> ScenarioResult:
 def run_stage(ctx: BenchContext) -> ScenarioResult:
     archives = _archives(ctx)
     result = _result(ctx, "scale_stage", "Scale: stage", archives)
-    missing = stagerd_has("stage", "scratch")
+    missing = stagerd_has("gpu.stage", "scratch")
     if missing:
         result.notes.append(f"stagerd not measured: {missing}")
     with ctx.bucket("sc") as bucket:

@@ -64,7 +64,7 @@ def measure_stage(
     with ctx.bucket("st") as bucket:
         ctx.s3_client().upload_file(str(archive.path), bucket, key)
         contenders: list[Contender] = []
-        missing = stagerd_has("stage", "scratch")
+        missing = stagerd_has("gpu.stage", "scratch")
         if missing:
             result.notes.append(f"stagerd not measured: {missing}")
         else:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from stagerd.config import Settings
+from stagerd.config.settings import Settings
 
 
 @dataclass
@@ -32,7 +32,7 @@ class AppState:
 
 def secret_values(settings: Settings) -> list[str | None]:
     """The secret strings of *settings*, for the log redaction filter."""
-    from stagerd.config import url_passwords
+    from stagerd.config.settings import url_passwords
 
     values: list[str | None] = [settings.s3_access_key, settings.s3_secret_key]
     for url in (settings.redis_url, settings.database_url):

@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
 @db_app.command("migrate")
 def migrate(ctx: typer.Context) -> None:
     """Apply pending schema migrations (idempotent; safe beside running workers)."""
-    from stagerd.db import CLI_POLICY
-    from stagerd.db import migrate as run_migrations
+    from stagerd.db.ledger import CLI_POLICY
+    from stagerd.db.ledger import migrate as run_migrations
 
     database_url = state(ctx).settings().require_database()
     applied = run_migrations(database_url, policy=CLI_POLICY)
@@ -38,7 +38,7 @@ def results(
     batch_id: Annotated[str, typer.Argument(help="The batch id.")],
 ) -> None:
     """Print a batch's ledger state and its results as one JSON object."""
-    from stagerd.db import CLI_POLICY, Ledger
+    from stagerd.db.ledger import CLI_POLICY, Ledger
     from stagerd.errors import StagerdError, UsageError
     from stagerd.ids import validate_batch_id
 

@@ -13,8 +13,8 @@ from stagerd.commands import duration_flag, state
 from stagerd.errors import ServiceUnavailable, UsageError
 
 if TYPE_CHECKING:
-    from stagerd.config import Settings
-    from stagerd.dlq import DeadLetters
+    from stagerd.config.settings import Settings
+    from stagerd.queue.dlq import DeadLetters
 
 T = TypeVar("T")
 
@@ -26,9 +26,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _dead_letters(ctx: typer.Context) -> tuple[DeadLetters, Settings]:
-    from stagerd.dlq import DeadLetters
-    from stagerd.keys import QueueKeys
-    from stagerd.queue import connect
+    from stagerd.queue.dlq import DeadLetters
+    from stagerd.queue.keys import QueueKeys
+    from stagerd.queue.redis_queue import connect
 
     settings = state(ctx).settings()
     return DeadLetters(connect(settings.redis_url, retries=1), QueueKeys(settings.queue)), settings

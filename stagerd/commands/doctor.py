@@ -23,8 +23,8 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
     """Check configuration, S3, Redis, PostgreSQL, scratch and the processor."""
-    from stagerd.doctor import ROLES, run_checks
     from stagerd.errors import UsageError
+    from stagerd.ops.doctor import ROLES, run_checks
 
     if role not in ROLES:
         raise UsageError(f"--role must be one of {', '.join(ROLES)}")

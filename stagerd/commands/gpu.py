@@ -73,9 +73,10 @@ def gpu(
     ] = None,
 ) -> None:
     """Consume the queue: reserve scratch, stage, process, record results in PostgreSQL."""
-    from stagerd import proctree, sdnotify
     from stagerd.errors import UsageError
-    from stagerd.worker import PROCESSOR_MODES, WorkerOptions, run
+    from stagerd.gpu import sdnotify
+    from stagerd.gpu.worker import PROCESSOR_MODES, WorkerOptions, run
+    from stagerd.processor import proctree
 
     if processor_mode not in PROCESSOR_MODES:
         raise UsageError(f"--processor-mode: use oneshot or persistent, not {processor_mode!r}")

@@ -11,7 +11,7 @@ from stagerd.commands import duration_flag, state
 from stagerd.units import format_size
 
 if TYPE_CHECKING:
-    from stagerd.janitor import JanitorReport
+    from stagerd.janitor.run import JanitorReport
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +40,7 @@ def janitor(
 ) -> None:
     """Remove dead workers' scratch, reclaim their reservations, requeue their jobs, abort
     stale multipart uploads and fix the ledger. Exit 1 if any part failed."""
-    from stagerd.janitor import JanitorOptions, run_janitor
+    from stagerd.janitor.run import JanitorOptions, run_janitor
 
     options = JanitorOptions(
         dry_run=dry_run,

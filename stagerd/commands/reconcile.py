@@ -31,7 +31,7 @@ def reconcile(
 ) -> None:
     """Find archives under archives/ that are neither done nor dead in the ledger and in no
     queue or processing list, and enqueue them again. Exit 1 if a service fails."""
-    from stagerd.reconcile import ReconcileOptions, run_reconcile
+    from stagerd.janitor.reconcile import ReconcileOptions, run_reconcile
 
     options = ReconcileOptions(dry_run=dry_run, min_age=duration_flag(min_age, "--min-age"))
     report = run_reconcile(state(ctx).settings(), options)

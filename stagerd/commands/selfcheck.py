@@ -1,4 +1,4 @@
-"""``stagerd selfcheck``: import every runtime module of every role; see :mod:`stagerd.selfcheck`."""
+"""``stagerd selfcheck``: import every runtime module of every role; see :mod:`stagerd.ops.selfcheck`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def selfcheck(
 ) -> None:
     """Check offline that this installation loads everything its services use (exit 1 if not)."""
     from stagerd.errors import StagerdError
-    from stagerd.selfcheck import run_checks
+    from stagerd.ops.selfcheck import run_checks
 
     checks = run_checks()
     failed = [c for c in checks if c.error is not None]

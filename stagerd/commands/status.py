@@ -22,7 +22,7 @@ def status(
 
     Exits 1 when a section could not be read (its error is listed), else 0.
     """
-    from stagerd.status import collect
+    from stagerd.ops.status import collect
 
     data = collect(state(ctx).settings())
     if as_json:

@@ -101,7 +101,7 @@ def upload(
     A rerun after a crash resumes from the parts already in S3; a rerun after success
     neither re-uploads nor re-enqueues (unless --force).
     """
-    from stagerd.transfer import TransferRequest, transfer
+    from stagerd.transfer.upload import TransferRequest, transfer
 
     request = TransferRequest(
         path=path,
@@ -140,7 +140,7 @@ def watch(
     never succeed (not tar, truncated, bad batch id) go to DIR/failed/ with a .error file.
     SIGTERM stops cleanly; a restart resumes interrupted uploads.
     """
-    from stagerd.watch import WatchOptions, run_watch
+    from stagerd.transfer.watch import WatchOptions, run_watch
 
     settings = state(ctx).settings()
     settings.require_s3()  # a configuration error ends the service at once (exit 2)

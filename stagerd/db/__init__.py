@@ -1,0 +1,1 @@
+"""The PostgreSQL edge: the batch ledger, results and failures, connections and migrations."""

@@ -1,0 +1,1 @@
+"""The GPU worker's role: the worker loop, one batch's pipeline, prefetch and resume."""

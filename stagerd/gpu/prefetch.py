@@ -1,0 +1,232 @@
+"""A job slot: one stager thread and one processor thread joined by a FIFO hand-off.
+
+With ``prefetch = N`` a slot holds at most N + 1 batches (one processing, N staged or
+staging), enforced by a semaphore the stager takes before it pops. ``prefetch = 0`` is
+the plain loop: pop, stage, process, then pop the next. The stager is a single thread, so
+batches reach the processor in the order they were popped (FIFO).
+
+Every batch a slot holds is an in-flight job of this worker (in its Redis processing list)
+with its own scratch reservation, so a SIGKILL at any moment loses nothing. On ``stop``
+the stager stops popping, requeues the batch it is staging and every staged-and-waiting
+batch at once (their staging is cheap to redo), while the processor thread drains the
+batch in processing (the worker sets ``kill`` after ``--drain-timeout``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import TYPE_CHECKING
+
+from stagerd.liveness import Progress, touch, track
+from stagerd.log import get_logger
+from stagerd.shutdown import LeftForRecovery
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from stagerd.gpu.pipeline import BatchSteps, Staged
+    from stagerd.processor.runner import Processor
+
+log = get_logger(__name__)
+
+
+class InFlight:
+    """How many batches this worker process holds, across slots (for --burst and waits)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+
+class Slot:
+    """One job slot (``--concurrency N`` runs N of them over one scratch budget)."""
+
+    def __init__(
+        self,
+        index: int,
+        steps: BatchSteps,
+        make_processor: Callable[[], Processor],
+        *,
+        prefetch: int,
+        burst: bool,
+        stop: threading.Event,
+        kill: threading.Event,
+        in_flight: InFlight,
+    ) -> None:
+        self.index = index
+        self._steps = steps
+        self._make_processor = make_processor
+        self._burst = burst
+        self._stop = stop
+        self._kill = kill
+        self._in_flight = in_flight
+        self._tokens = threading.BoundedSemaphore(prefetch + 1)
+        self._ready: deque[Staged] = deque()
+        self._cond = threading.Condition()
+        self._stager_done = False
+        self.errors: list[BaseException] = []
+        # When each thread last showed progress (the worker feeds the watchdog from these).
+        self.progress = {"stage": Progress(), "proc": Progress()}
+        self._threads = [
+            threading.Thread(
+                target=self._guard(self._stage_loop, self.progress["stage"]),
+                name=f"slot{index}-stage",
+            ),
+            threading.Thread(
+                target=self._guard(self._process_loop, self.progress["proc"]),
+                name=f"slot{index}-proc",
+            ),
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float | None = None) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def stalled(self, limit: float) -> list[str]:
+        """The threads of this slot alive but without progress for more than *limit* s."""
+        return [
+            f"slot{self.index}-{name} ({progress.idle():.0f}s)"
+            for (name, progress), thread in zip(self.progress.items(), self._threads, strict=True)
+            if thread.is_alive() and progress.idle() > limit
+        ]
+
+    def _guard(self, loop: Callable[[], None], progress: Progress) -> Callable[[], None]:
+        def run() -> None:
+            track(progress)
+            progress.touch()
+            try:
+                loop()
+            except LeftForRecovery as exc:
+                # Stopping with a service unreachable: the job stays in this worker's
+                # processing list, which its next start (or another worker) recovers.
+                log.warning(
+                    "slot %d: %s; its job stays in the processing list for recovery",
+                    self.index,
+                    exc,
+                )
+                self._stop.set()
+                with self._cond:
+                    self._stager_done = True
+                    self._cond.notify_all()
+            except BaseException as exc:
+                # A bug or an unreachable service: stop the whole worker, keep the job in
+                # the processing list (the restarted worker takes it back), re-raise in run().
+                log.exception("slot %d crashed", self.index)
+                self.errors.append(exc)
+                self._stop.set()
+                with self._cond:
+                    self._stager_done = True
+                    self._cond.notify_all()
+
+        return run
+
+    # --- stager ---------------------------------------------------------------
+
+    def _stage_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                touch()
+                if not self._tokens.acquire(timeout=0.5):
+                    continue
+                outcome = self._stage_one()
+                if outcome != "staged":
+                    self._tokens.release()
+                if outcome == "empty" and self._burst and self._in_flight.count == 0:
+                    break
+        finally:
+            self._requeue_waiting()
+            with self._cond:
+                self._stager_done = True
+                self._cond.notify_all()
+
+    def _stage_one(self) -> str:
+        """Pop and stage one batch: "staged" (handed off, token kept), "ended" (the job
+        ended in staging: skipped, failed, requeued) or "empty" (nothing to pop)."""
+        delivery = self._steps.pop(self._stop)
+        if delivery is None:
+            return "empty"
+        self._in_flight.add(1)
+        staged = None
+        try:
+            # Waiting for budget is safe while another batch of ours will free some.
+            staged = self._steps.stage(delivery, self._stop, lambda: self._in_flight.count > 1)
+        finally:
+            if staged is None:
+                self._in_flight.add(-1)
+        if staged is None:
+            return "ended"
+        # Before the hand-off, so the processor's "processing" is never overwritten.
+        try:
+            self._steps.set_phase(delivery, "staged")
+        except BaseException:
+            staged.reservation.release()
+            self._in_flight.add(-1)
+            raise
+        with self._cond:
+            self._ready.append(staged)
+            self._cond.notify_all()
+        return "staged"
+
+    def _requeue_waiting(self) -> None:
+        """On stop: staged batches nobody started go back to the head, order kept."""
+        with self._cond:
+            waiting = list(self._ready)
+            self._ready.clear()
+        for staged in reversed(waiting):
+            try:
+                self._steps.requeue(staged.delivery, "worker shutting down (prefetched)")
+            except LeftForRecovery as exc:
+                log.warning(
+                    "prefetched batch %s not handed back (%s); it stays in the processing "
+                    "list for recovery",
+                    staged.job.batch_id,
+                    exc,
+                )
+            finally:
+                self._steps.leases.drop(staged.fence)
+                staged.reservation.release()
+                self._in_flight.add(-1)
+                self._tokens.release()
+
+    # --- processor ------------------------------------------------------------
+
+    def _next(self) -> Staged | None:
+        with self._cond:
+            while True:
+                touch()
+                if self._stop.is_set():
+                    return None
+                if self._ready:
+                    return self._ready.popleft()
+                if self._stager_done:
+                    return None
+                self._cond.wait(0.5)
+
+    def _process_loop(self) -> None:
+        processor = self._make_processor()
+        try:
+            while (staged := self._next()) is not None:
+                try:
+                    self._steps.process(staged, processor, self._kill)
+                finally:
+                    self._in_flight.add(-1)
+                    self._tokens.release()
+        finally:
+            processor.close()

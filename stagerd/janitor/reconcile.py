@@ -1,0 +1,290 @@
+"""``stagerd reconcile``: recovery when Redis forgot (a restart without persistence, a
+FLUSHALL). Compares S3, the ledger and the queues and re-enqueues what was lost.
+
+A batch is lost when its archive ``archives/{id}.tar`` is in S3, the ledger does not say
+``done`` or ``dead``, and its job is in no Redis list (pending, dead-letter, any worker's
+processing list). The lists are read in ONE Lua script (SCAN included), so a job moving
+between lists (a pickup, a requeue) is seen exactly once; the ledger is read after that.
+A job is always in some list until the ledger says done or dead (the worker acks only
+after the commit, dead-letters before recording), so this finds no false losses, except
+an upload whose job is not pushed yet: an archive with no ledger row younger than
+``--min-age`` is left alone unless its digest record (``stagerd/digests/{id}.json``, in S3,
+written after the enqueue) says it was enqueued.
+
+Re-enqueued jobs carry the seed's payload plus size and digest from the digest record when
+it matches the object's size. The lease epoch is raised past the ledger's newest token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from stagerd.errors import ConfigError, InvalidBatchId, StagerdError
+from stagerd.ids import digest_key, validate_batch_id
+from stagerd.job import Job, loads_untrusted
+from stagerd.log import get_logger
+from stagerd.queue.keys import QueueKeys
+
+if TYPE_CHECKING:
+    import redis
+    from mypy_boto3_s3 import S3Client
+
+    from stagerd.config.settings import Settings
+
+log = get_logger(__name__)
+ARCHIVE_PREFIX = "archives/"
+
+# KEYS: pending, dead. ARGV: processing-list SCAN pattern.
+# Every payload in every list, read atomically.
+_SNAPSHOT = """
+local out = {}
+for _, key in ipairs(KEYS) do
+  for _, raw in ipairs(redis.call('LRANGE', key, 0, -1)) do table.insert(out, raw) end
+end
+local cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    if redis.call('TYPE', key)['ok'] == 'list' then
+      for _, raw in ipairs(redis.call('LRANGE', key, 0, -1)) do table.insert(out, raw) end
+    end
+  end
+until cursor == '0'
+return out
+"""
+
+
+class LedgerNotMigrated(StagerdError):
+    """The ledger has no schema yet: nothing says which batches are done, so nothing is
+    re-enqueued (a wrong DATABASE_URL must not re-run every archive in the bucket)."""
+
+
+@dataclass(frozen=True)
+class ReconcileOptions:
+    dry_run: bool = False
+    min_age: float = 600.0
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What one pass found and did (or, dry, would do)."""
+
+    archives: int
+    queued: int
+    settled: int
+    reenqueued: list[str] = field(default_factory=list)
+    too_young: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "archives": self.archives,
+            "in_queues": self.queued,
+            "done_or_dead": self.settled,
+            "reenqueued": self.reenqueued,
+            "too_young": self.too_young,
+        }
+
+
+@dataclass(frozen=True)
+class Archive:
+    batch_id: str
+    size: int
+    modified: float
+
+
+def reconcile(
+    settings: Settings,
+    options: ReconcileOptions,
+    *,
+    s3: S3Client,
+    client: redis.Redis,
+    clock: Callable[[], float] = time.time,
+) -> ReconcileReport:
+    """One pass. Raises ConfigError without DATABASE_URL; service errors propagate."""
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL: not set (reconcile reads the ledger's done batches)")
+    bucket = settings.require_s3().bucket
+    keys = QueueKeys(settings.queue)
+    if not _ledger_migrated(settings.database_url):
+        raise LedgerNotMigrated(
+            "the ledger is not migrated (run stagerd db migrate, or check DATABASE_URL): "
+            "nothing says which batches are done, so nothing was re-enqueued"
+        )
+    archives = list_archives(s3, bucket)
+    queued = queued_batches(client, keys)
+    states = _ledger_states(settings.database_url, [a.batch_id for a in archives])
+    reenqueued, young, settled = [], [], 0
+    now = clock()
+    for archive in archives:
+        state = states.get(archive.batch_id)
+        if archive.batch_id in queued:
+            continue
+        if state in ("done", "dead"):
+            settled += 1
+            continue
+        record = _digest_record(s3, bucket, archive)
+        if (
+            state is None
+            and not record.get("enqueued")
+            and now - archive.modified < options.min_age
+        ):
+            young.append(archive.batch_id)
+            continue
+        if not options.dry_run:
+            _enqueue(client, keys, _job(archive, record))
+        reenqueued.append(archive.batch_id)
+    if not options.dry_run:
+        _raise_epoch(client, keys, settings.database_url)
+    if reenqueued:
+        log.warning(
+            "reconcile: %s %d lost batch(es): %s",
+            "would re-enqueue" if options.dry_run else "re-enqueued",
+            len(reenqueued),
+            ", ".join(reenqueued),
+            extra={"event": "reconcile_reenqueued"},
+        )
+    in_queues = sum(1 for a in archives if a.batch_id in queued)
+    return ReconcileReport(len(archives), in_queues, settled, reenqueued, young)
+
+
+def run_reconcile(settings: Settings, options: ReconcileOptions) -> ReconcileReport:
+    """Connect and run one pass; every service failure becomes one ServiceUnavailable."""
+    import psycopg
+    import redis as redis_lib
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.config.settings import redact_url
+    from stagerd.errors import ServiceUnavailable
+    from stagerd.queue.redis_queue import connect
+    from stagerd.s3.client import describe_client_error, get_s3_client
+
+    s3 = settings.require_s3()
+    client = connect(settings.redis_url, retries=1)
+    try:
+        return reconcile(settings, options, s3=get_s3_client(s3), client=client)
+    except (BotoCoreError, ClientError) as exc:
+        raise ServiceUnavailable(describe_client_error(exc, s3.bucket, s3.endpoint)) from None
+    except (redis_lib.RedisError, OSError) as exc:
+        where = redact_url(settings.redis_url)
+        raise ServiceUnavailable(f"Redis at {where} unreachable: {exc}") from None
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ServiceUnavailable(f"ledger: {first} (did `stagerd db migrate` run?)") from None
+    finally:
+        client.close()
+
+
+def list_archives(s3: S3Client, bucket: str) -> list[Archive]:
+    """Every ``archives/{id}.tar`` with a valid batch id (other keys are not ours)."""
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=ARCHIVE_PREFIX):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(ARCHIVE_PREFIX) :]
+            if not name.endswith(".tar") or "/" in name:
+                continue
+            try:
+                batch_id = validate_batch_id(name[: -len(".tar")])
+            except InvalidBatchId:
+                continue
+            modified = obj["LastModified"]
+            stamp = modified.timestamp() if isinstance(modified, datetime) else 0.0
+            found.append(Archive(batch_id, int(obj["Size"]), stamp))
+    return found
+
+
+def queued_batches(client: redis.Redis, keys: QueueKeys) -> set[str]:
+    """Batch ids of every job in any list of the queue (one atomic read)."""
+    from stagerd.queue.redis_queue import glob_escape
+
+    pattern = glob_escape(keys.processing("")) + "*"
+    raws = cast(list[bytes], client.eval(_SNAPSHOT, 2, keys.pending, keys.dead, pattern))
+    ids = set()
+    for raw in raws:
+        try:
+            data = loads_untrusted(raw)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            # Dead-letter envelopes carry the batch id too.
+            batch = data.get("batch_id")
+            if isinstance(batch, str):
+                ids.add(batch)
+    return ids
+
+
+def _ledger_migrated(database_url: str) -> bool:
+    from stagerd.db.ledger import Ledger
+    from stagerd.db.pg import CLI_POLICY
+
+    ledger = Ledger(database_url, policy=CLI_POLICY)
+    try:
+        return ledger.schema_ready()
+    finally:
+        ledger.close()
+
+
+def _ledger_states(database_url: str, batch_ids: list[str]) -> dict[str, str]:
+    from stagerd.db.pg import CLI_POLICY, connect
+
+    if not batch_ids:
+        return {}
+    with connect(database_url, policy=CLI_POLICY) as conn:
+        rows = conn.execute(
+            "SELECT batch_id, state FROM stagerd_batches WHERE batch_id = ANY(%s)", (batch_ids,)
+        ).fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def _digest_record(s3: S3Client, bucket: str, archive: Archive) -> dict[str, Any]:
+    """The digest record if present and about this very object (same size), else {}."""
+    from botocore.exceptions import ClientError
+
+    try:
+        body = s3.get_object(Bucket=bucket, Key=digest_key(archive.batch_id))["Body"].read()
+        data = json.loads(body)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+            return {}
+        raise
+    except ValueError:
+        return {}
+    if not isinstance(data, dict) or data.get("size") != archive.size:
+        return {}
+    return data
+
+
+def _job(archive: Archive, record: dict[str, Any]) -> Job:
+    file_count = record.get("file_count")
+    sha256 = record.get("sha256")
+    return Job.new(
+        archive.batch_id,
+        file_count=file_count if isinstance(file_count, int) else None,
+        size=archive.size,
+        sha256=sha256 if isinstance(sha256, str) and len(sha256) == 64 else None,
+    )
+
+
+def _enqueue(client: redis.Redis, keys: QueueKeys, job: Job) -> None:
+    from stagerd.queue.redis_queue import enqueue_once
+
+    # force: the enqueued marker may have survived while the job itself was lost.
+    enqueue_once(client, keys, job, force=True)
+
+
+def _raise_epoch(client: redis.Redis, keys: QueueKeys, database_url: str) -> None:
+    """After a Redis loss the lease counter restarts low: raise it past the ledger's."""
+    from stagerd.db.pg import CLI_POLICY, connect
+
+    with connect(database_url, policy=CLI_POLICY) as conn:
+        row = conn.execute("SELECT coalesce(max(lease), 0) FROM stagerd_batches").fetchone()
+    floor = int(row[0]) if row else 0
+    if floor:
+        from stagerd.queue.redis_queue import raise_epoch
+
+        raise_epoch(client, keys, floor)

@@ -1,0 +1,150 @@
+"""One processor child: started below its reaper, output pumped, waited for, killed.
+
+Split from :mod:`stagerd.processor.runner`, which holds the two modes and the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
+
+from stagerd.errors import ProcessorFailed
+from stagerd.processor import proctree
+from stagerd.processor.outputcap import OutputCap
+
+_MAX_LINE = 64 * 1024  # longest processor output line we log (the rest is cut)
+_POLL = 0.1
+# How long past its grace the reaper may take to end the tree before we kill it ourselves.
+_REAPER_SLACK = 5.0
+
+# Called while the processor runs: a reason to stop it now (disk over its allowance), or None.
+Guard = Callable[[], str | None]
+
+
+class Child:
+    """A command below its own reaper (:mod:`stagerd.processor.reaper`), in its own process group,
+    its output lines pumped to handlers (by default the batch's :class:`OutputCap`)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path | None,
+        output: OutputCap,
+        grace: float,
+        on_stdout: Callable[[str], None] | None = None,
+        stdin: bool = False,
+    ) -> None:
+        self.output = output
+        self.contained: str | None = None  # why a guard stopped it
+        self.main_pid = self._start(argv, env=env, cwd=cwd, grace=grace, stdin=stdin)
+        self.last_stderr = ""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        out_handler = on_stdout or (lambda line: self.output.line("stdout", line))
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, out_handler), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self._stderr), daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
+
+    def _start(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path | None,
+        grace: float,
+        stdin: bool,
+    ) -> int | None:
+        """Start the reaper; the processor's own pid (None if the reaper gave up)."""
+        read_end, write_end = os.pipe()
+        try:
+            with proctree.spawning() as started:
+                self.proc = subprocess.Popen(
+                    proctree.reaper_argv(argv, write_end, grace), cwd=cwd, env=dict(env),
+                    start_new_session=True, pass_fds=(write_end,),
+                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                )  # fmt: skip
+                started.add(self.proc.pid)
+        except OSError as exc:
+            os.close(read_end)
+            raise ProcessorFailed(
+                f"cannot start the reaper for processor {argv[0]!r}: {exc.strerror}"
+            ) from None
+        finally:
+            os.close(write_end)
+        with os.fdopen(read_end, "rb") as pid_pipe:
+            reported = pid_pipe.read(32).strip()
+        return int(reported) if reported.isdigit() else None
+
+    def _pump(self, stream: IO[bytes], handle: Callable[[str], None]) -> None:
+        with stream:
+            for raw in iter(lambda: stream.readline(_MAX_LINE), b""):
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line:
+                    handle(line)
+
+    def _stderr(self, line: str) -> None:
+        self.last_stderr = line
+        self.output.line("stderr", line)
+
+    def wait(
+        self, deadline: float, stop: threading.Event | None, guard: Guard | None = None
+    ) -> int | None:
+        """The exit status, or None if *deadline* passed, *stop* was set or *guard* gave a
+        reason (kept in :attr:`contained`) first."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                return None
+            if guard is not None:
+                self.contained = guard()
+                if self.contained is not None:
+                    return None
+            try:
+                return self.proc.wait(timeout=min(remaining, _POLL))
+            except subprocess.TimeoutExpired:
+                continue
+
+    def kill(self, grace: float) -> None:
+        """SIGTERM the tree (the reaper forwards it and SIGKILLs what is left after
+        *grace*); if the reaper itself does not end, SIGKILL the tree from here; reap."""
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the hard kill below
+                self.proc.wait(timeout=grace + _REAPER_SLACK)
+        if self.proc.poll() is None:
+            for pid in proctree.descendants(self.proc.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            self._signal(signal.SIGKILL)
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for the reaper (it ends with the processor's whole tree), end the pumps."""
+        self.proc.wait()
+        proctree.forget(self.proc.pid)
+        proctree.sweep_orphans()
+        self.join_output(timeout=2.0)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+    def join_output(self, timeout: float) -> None:
+        """Wait (bounded) until stdout and stderr reached EOF and were logged."""
+        for pump in self._pumps:
+            pump.join(timeout=timeout)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # group already gone
+            os.killpg(self.proc.pid, sig)

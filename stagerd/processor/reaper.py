@@ -1,0 +1,138 @@
+"""The per-processor subreaper: ``python -I -S reaper.py WORKER_PID PID_FD GRACE -- CMD...``.
+
+The worker starts every processor through this small program (stdlib only, so it runs
+from the shiv artifact with ``-I -S``). It marks itself a child subreaper
+(``PR_SET_CHILD_SUBREAPER``), so every process the processor starts, even one that
+double-forks into its own session, stays its descendant; then it forks and execs CMD, writes
+that child's pid to PID_FD, and reaps. It dies with the worker (``PR_SET_PDEATHSIG``).
+
+- When CMD exits, every remaining descendant gets SIGKILL, all are reaped, and the reaper
+  exits with CMD's status (re-raising its signal), so the batch ends with its whole tree.
+- SIGTERM (the worker stopping the batch) is forwarded to every descendant; whatever is
+  left after GRACE seconds gets SIGKILL.
+
+The worker walks the same tree (:mod:`stagerd.processor.proctree`) to end the helpers of a
+persistent processor after each batch while the processor itself lives on.
+"""
+
+# No "from __future__", contextlib or signal (enum): this starts once per batch, and every
+# import is start-up time. _signal is signal's C core, without the enums.
+import ctypes
+import os
+import sys
+import time
+
+TYPE_CHECKING = False  # not typing's: importing typing alone costs more than the rest
+if TYPE_CHECKING:
+    import signal
+else:
+    import _signal as signal
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_POLL = 0.005
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl failed")
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(word) for word in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def descendants(root: int) -> list[int]:
+    seen: list[int] = []
+    todo = children(root)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.append(pid)
+            todo.extend(children(pid))
+    return seen
+
+
+def _signal_all(sig: int) -> None:
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            continue
+
+
+def _start(argv: list[str], pid_fd: int) -> int:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.close(pid_fd)
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            print(f"cannot start processor {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        os._exit(127)
+    os.write(pid_fd, f"{pid}\n".encode())
+    os.close(pid_fd)
+    return pid
+
+
+def _wait_for_main(main: int) -> int:
+    """Block until the main child exits (reaping orphans meanwhile); its wait status."""
+    while True:
+        pid, status = os.waitpid(-1, 0)  # a signal handler runs in between (PEP 475)
+        if pid == main:
+            return status
+
+
+def _reap_rest() -> None:
+    """SIGKILL and reap every remaining descendant. Polls: a process forking while it is
+    killed may leave a child that was not listed yet."""
+    while True:
+        _signal_all(signal.SIGKILL)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            return
+        time.sleep(_POLL)
+
+
+def main(args: list[str]) -> int:
+    worker, pid_fd, grace, argv = int(args[0]), int(args[1]), float(args[2]), args[4:]
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker:  # the worker died before PDEATHSIG was armed
+        return 1
+
+    def on_term(signum: int, frame: object) -> None:
+        _signal_all(signal.SIGTERM)
+        # The grace starts at the first SIGTERM; SIGALRM ends it with SIGKILL for all.
+        if signal.getitimer(signal.ITIMER_REAL)[0] == 0:
+            signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
+
+    signal.signal(signal.SIGALRM, lambda signum, frame: _signal_all(signal.SIGKILL))
+    signal.signal(signal.SIGTERM, on_term)
+    status = _wait_for_main(_start(argv, pid_fd))
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _reap_rest()
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,335 @@
+"""The transfer pipeline: check the archive, upload it, verify it, enqueue it exactly once.
+
+:func:`transfer` is what ``stagerd transfer upload`` and the watcher run; the seed's
+:func:`upload_archive` and :func:`get_s3_client` keep their names and signatures for the
+existing transfer worker code. Order matters: everything that can be refused cheaply (batch
+id, file, tar structure, configuration, Redis and bucket reachability) is checked before a
+byte is sent, and the job is pushed only after the object is complete and verified, so
+nothing half-done is ever enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stagerd.archive.tarcheck import check_tar
+from stagerd.config.settings import S3Settings, Settings, redact_url
+from stagerd.errors import BatchIdReused, PermanentError, ServiceUnavailable, StagerdError
+from stagerd.ids import archive_key, validate_batch_id
+from stagerd.job import Job
+from stagerd.log import get_logger
+from stagerd.progress import make_progress
+from stagerd.queue.keys import QueueKeys
+from stagerd.retry import RetryPolicy
+from stagerd.s3.client import get_s3_client
+
+if TYPE_CHECKING:
+    import redis
+    from mypy_boto3_s3 import S3Client
+
+__all__ = ["TransferReport", "TransferRequest", "get_s3_client", "transfer", "upload_archive"]
+
+log = get_logger(__name__)
+# Before any upload, an unreachable endpoint should be reported in seconds, not after the
+# full per-part retry budget.
+PROBE_POLICY = RetryPolicy(attempts=3, base=0.5, max_delay=2.0, total=30.0)
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """One archive to transfer. ``None`` part size/concurrency mean "from settings"."""
+
+    path: Path
+    batch_id: str
+    file_count: int | None = None
+    enqueue: bool = True
+    force: bool = False
+    part_size: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """The command's JSON result."""
+
+    batch_id: str
+    s3_key: str
+    bytes: int
+    sha256: str
+    parts: int
+    part_size: int
+    uploaded_bytes: int
+    resumed_bytes: int
+    enqueued: bool
+    seconds: float
+    file_count: int
+    bucket: str
+    already_uploaded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Connections:
+    """S3 and Redis clients checked once and reused for many transfers.
+
+    A one-shot upload builds its own; the watcher keeps one set for its whole life, so a
+    stream of small archives pays for neither a new boto3 client, a new Redis connection
+    nor a bucket probe per file.
+    """
+
+    s3: S3Settings
+    client: S3Client
+    redis: redis.Redis | None
+
+    @classmethod
+    def open(cls, settings: Settings, *, enqueue: bool = True) -> Connections:
+        """Connect and probe. Raises ConfigError, ServiceUnavailable or PermanentError."""
+        s3 = settings.require_s3()
+        redis_client = _connect_redis(settings) if enqueue else None
+        client = get_s3_client(s3)
+        _probe_bucket(client, s3)
+        return cls(s3, client, redis_client)
+
+
+def transfer(
+    settings: Settings,
+    request: TransferRequest,
+    *,
+    policy: RetryPolicy | None = None,
+    stop: threading.Event | None = None,
+    progress_mode: str = "auto",
+    connections: Connections | None = None,
+) -> TransferReport:
+    """Check, upload, verify and (unless ``enqueue=False``) enqueue one archive.
+
+    Raises InvalidBatchId (exit 2), ConfigError (exit 2), PermanentError/ArchiveRejected
+    (bad file, 403, missing bucket), ServiceUnavailable/TransientError (S3 or Redis
+    unreachable), UploadInterrupted (stop was set; rerun resumes).
+    """
+    from stagerd.s3.multipart import UploadOptions, UploadTarget, upload_file
+
+    started = time.monotonic()
+    batch_id = validate_batch_id(request.batch_id)
+    key = archive_key(batch_id)
+    path = Path(request.path)
+    _check_readable(path)
+    file_count = _file_count(path, request.file_count)
+    if request.concurrency is not None:
+        settings = settings.replace(concurrency=request.concurrency)
+    if connections is None or (request.enqueue and connections.redis is None):
+        connections = Connections.open(settings, enqueue=request.enqueue)
+    s3, client = connections.s3, connections.client
+    redis_client = connections.redis if request.enqueue else None
+    size = path.stat().st_size
+    if not request.force:
+        _check_ledger_archive(settings, batch_id, path, size)
+    options = UploadOptions(
+        part_size=request.part_size or settings.part_size,
+        concurrency=settings.concurrency,
+        max_parts=settings.max_parts,
+        policy=policy or RetryPolicy(),
+        metadata={"stagerd-batch-id": batch_id},
+        force=request.force,
+        keep_existing=not request.force,
+    )
+    progress = make_progress(f"upload {batch_id}", size, mode=progress_mode)
+    try:
+        target = UploadTarget(client, s3.bucket, key, s3.endpoint)
+        result = upload_file(target, path, options, stop=stop, progress=progress)
+    finally:
+        progress.close()
+    enqueued = False
+    if redis_client is not None:
+        job = Job.new(batch_id, file_count=file_count, size=result.size, sha256=result.sha256)
+        if request.force:
+            # The worker replaces a done batch only for a job that says so (and only when
+            # the digest differs, so a redelivered job never reprocesses twice).
+            job = replace(job, extra={**job.extra, "replace": True})
+        enqueued = _enqueue(redis_client, settings, job, force=request.force)
+    if redis_client is not None:
+        # After the enqueue, and only for jobs stagerd enqueued (the seed's upload_archive
+        # creates nothing but the archive): "enqueued" tells reconcile the job was handed to
+        # Redis, so its absence from every list after a Redis loss means it was lost.
+        digest = {"size": result.size, "sha256": result.sha256, "etag": result.etag}
+        fields = {**digest, "file_count": file_count, "enqueued": True}
+        _record_digest(client, s3.bucket, batch_id, fields, policy or RetryPolicy())
+    report = TransferReport(
+        batch_id=batch_id,
+        s3_key=key,
+        bytes=result.size,
+        sha256=result.sha256,
+        parts=result.parts,
+        part_size=result.part_size,
+        uploaded_bytes=result.uploaded_bytes,
+        resumed_bytes=result.resumed_bytes,
+        enqueued=enqueued,
+        seconds=round(time.monotonic() - started, 3),
+        file_count=file_count,
+        bucket=s3.bucket,
+        already_uploaded=result.already_complete,
+    )
+    log.info("transferred %s", key, extra=report.to_dict())
+    return report
+
+
+def _record_digest(
+    client: S3Client, bucket: str, batch_id: str, fields: dict[str, Any], policy: RetryPolicy
+) -> None:
+    """Keep size and digest next to the archive in S3, where a Redis loss cannot take them
+    (``stagerd reconcile`` re-enqueues with them). Best effort: the archive is uploaded
+    and enqueued already, and reconcile works without the record (size only)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.ids import digest_key
+
+    body = json.dumps({"batch_id": batch_id, **fields}, sort_keys=True).encode()
+    try:
+        policy.call(
+            lambda: client.put_object(
+                Bucket=bucket, Key=digest_key(batch_id), Body=body, ContentType="application/json"
+            ),
+            what="S3 PutObject (digest record)",
+        )
+    except (BotoCoreError, ClientError, StagerdError, OSError) as exc:
+        log.warning("could not write the digest record of %s: %s", batch_id, exc)
+
+
+def _check_ledger_archive(settings: Settings, batch_id: str, path: Path, size: int) -> None:
+    """Refuse a file that differs from what the ledger says *batch_id* holds (the S3 object
+    may be gone). Skipped without DATABASE_URL; an unreachable ledger is only a warning
+    (the S3 check still refuses an overwrite)."""
+    if not settings.database_url:
+        return
+    from stagerd.db.ledger import CLI_POLICY, Ledger
+
+    ledger = Ledger(settings.database_url, policy=CLI_POLICY)
+    try:
+        row = ledger.batch(batch_id) if ledger.schema_ready() else None
+    except ServiceUnavailable as exc:
+        log.warning("cannot check the ledger for batch %s: %s", batch_id, exc)
+        return
+    finally:
+        ledger.close()
+    if row is None:
+        return
+    known = row.archive_size if row.archive_size is not None else row.archive_bytes
+    why = None
+    if known is not None and known != size:
+        why = f"the ledger's batch is {known} bytes, {path} is {size}"
+    elif row.sha256 and _file_sha256(path) != row.sha256:
+        why = f"the ledger's batch has SHA-256 {row.sha256[:12]}..., {path} differs"
+    if why:
+        raise BatchIdReused(
+            f"batch id {batch_id} already holds a different archive ({why}); nothing was "
+            "changed (--force replaces it and the batch is processed again)"
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upload_archive(local_path: Path, batch_id: str) -> str:
+    """Upload archive to S3, return S3 key (the seed's interface; resumable and verified).
+
+    Settings come from the environment as in the seed. Does not enqueue: the seed's caller
+    pushes the job itself.
+    """
+    request = TransferRequest(Path(local_path), batch_id, enqueue=False)
+    return transfer(Settings.from_env(), request, progress_mode="none").s3_key
+
+
+def _check_readable(path: Path) -> None:
+    """Refuse anything but a readable regular file, without blocking on it."""
+    try:
+        # O_NONBLOCK: a FIFO would otherwise hang the open until some writer appears.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise PermanentError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise PermanentError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PermanentError(f"{path}: not a regular file")
+    finally:
+        os.close(fd)
+
+
+def _file_count(path: Path, given: int | None) -> int:
+    summary = check_tar(path)
+    if given is not None and given != summary.file_count:
+        log.warning(
+            "--file-count %d differs from the %d regular files in %s; using %d",
+            given,
+            summary.file_count,
+            path,
+            given,
+        )
+    return summary.file_count if given is None else given
+
+
+def _connect_redis(settings: Settings) -> redis.Redis:
+    import redis as redis_lib
+
+    from stagerd.queue.redis_queue import connect
+
+    client = connect(settings.redis_url)
+    try:
+        client.ping()
+    except (redis_lib.RedisError, OSError) as exc:
+        raise ServiceUnavailable(
+            f"Redis at {redact_url(settings.redis_url)} unreachable: {exc}"
+        ) from None
+    return client
+
+
+def _probe_bucket(client: S3Client, s3: S3Settings) -> None:
+    """Fail before uploading when the endpoint, the bucket or the credentials are wrong."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stagerd.retry import is_transient
+    from stagerd.s3.client import describe_client_error
+
+    try:
+        PROBE_POLICY.call(lambda: client.head_bucket(Bucket=s3.bucket), what="S3 HeadBucket")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchBucket", "NotFound"}:
+            raise PermanentError(
+                f"S3 bucket {s3.bucket!r} does not exist at {s3.endpoint}"
+            ) from None
+        message = describe_client_error(exc, s3.bucket, s3.endpoint)
+        raise (ServiceUnavailable if is_transient(exc) else PermanentError)(message) from None
+    except (BotoCoreError, OSError) as exc:
+        raise ServiceUnavailable(describe_client_error(exc, s3.bucket, s3.endpoint)) from None
+
+
+def _enqueue(client: redis.Redis, settings: Settings, job: Job, *, force: bool) -> bool:
+    import redis as redis_lib
+
+    from stagerd.queue.redis_queue import enqueue_once
+
+    try:
+        pushed = enqueue_once(client, QueueKeys(settings.queue), job, force=force)
+    except (redis_lib.RedisError, OSError) as exc:
+        raise ServiceUnavailable(
+            f"Redis at {redact_url(settings.redis_url)} unreachable while enqueuing "
+            f"{job.batch_id} (the archive is uploaded; rerun to enqueue): {exc}"
+        ) from None
+    if not pushed:
+        log.info("%s already enqueued with this digest; not enqueued again", job.batch_id)
+    return pushed

@@ -1,0 +1,320 @@
+"""stagerd.processor.runner with real child processes (the shipped wavinfo sample and sh)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stagerd.errors import ConfigError, ProcessorFailed, ResultsRejected
+from stagerd.processor.runner import (
+    PersistentProcessor,
+    ProcessOutcome,
+    ProcessRequest,
+    make_processor,
+    read_results,
+    scrub_env,
+)
+from stagerd.results import ResultLimits
+from stagerd.samples.makebatch import make_batch
+
+PY = shlex.quote(sys.executable)
+WAVINFO = f"{PY} -m stagerd.samples.wavinfo"
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8"}
+
+
+def batch(tmp_path: Path, batch_id: str = "b1", files: int = 3) -> ProcessRequest:
+    batch_dir = tmp_path / batch_id
+    input_dir = batch_dir / "input"
+    input_dir.mkdir(parents=True)
+    archive = make_batch(tmp_path / f"{batch_id}.tar", files, seed=1)
+    with tarfile.open(archive.path) as tar:
+        tar.extractall(input_dir)
+    return ProcessRequest(batch_id, batch_dir, input_dir, batch_dir / "results.jsonl")
+
+
+def loaded(outcome: ProcessOutcome) -> list[tuple[str, Any]]:
+    """The streamed, validated rows of *outcome*, parsed (small test files only)."""
+    return [(item, json.loads(raw.text)) for item, raw in outcome.results]
+
+
+def dead(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def wait_dead(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if dead(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_oneshot_runs_wavinfo_and_returns_validated_results(tmp_path: Path) -> None:
+    req = batch(tmp_path)
+    proc = make_processor(WAVINFO, env=ENV)
+    outcome = proc.run(req, timeout=30)
+    proc.close()
+    rows = loaded(outcome)
+    assert [item for item, _ in rows] == ["000001.wav", "000002.wav", "000003.wav"]
+    first = rows[0][1]
+    assert first["sample_rate"] == 16000 and first["channels"] == 1
+    assert first["duration"] == pytest.approx(1.0) and first["bytes"] == 32044
+    assert outcome.seconds > 0
+
+
+def test_child_env_has_batch_vars_and_no_secrets(tmp_path: Path) -> None:
+    req = batch(tmp_path)
+    script = (
+        "import os, json; "
+        "open(os.environ['STAGERD_RESULTS'], 'w').write(json.dumps("
+        "{'item': 'env', 'env': dict(os.environ), 'cwd': os.getcwd()}) + '\\n')"
+    )
+    env = {
+        **ENV,
+        "S3_ACCESS_KEY": "AKIA-secret-id",
+        "S3_SECRET_KEY": "s3-secret",
+        "DATABASE_URL": "postgresql://u:pw@db/x",
+        "REDIS_URL": "redis://:pw@r:6379/0",
+        "PGPASSWORD": "pw",
+        "SMTP_PASSWORD": "pw",
+        "MY_SECRET_THING": "x",
+        "aws_secret_access_key": "x",
+        "HF_TOKEN": "x",
+        "S3_ENDPOINT": "http://s3:8333",
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
+    outcome = make_processor(f"{PY} -c {shlex.quote(script)}", env=env).run(req, timeout=30)
+    [(_, result)] = loaded(outcome)
+    child = result["env"]
+    for secret in ("S3_ACCESS_KEY", "S3_SECRET_KEY", "DATABASE_URL", "REDIS_URL", "PGPASSWORD",
+                   "SMTP_PASSWORD", "MY_SECRET_THING", "aws_secret_access_key", "HF_TOKEN"):  # fmt: skip
+        assert secret not in child
+    assert child["S3_ENDPOINT"] == "http://s3:8333" and child["CUDA_VISIBLE_DEVICES"] == "0"
+    assert child["STAGERD_BATCH_ID"] == "b1"
+    assert child["STAGERD_INPUT_DIR"] == str(req.input_dir)
+    assert child["STAGERD_RESULTS"] == str(req.results_path)
+    assert result["cwd"] == str(req.batch_dir)
+    dumped = json.dumps(child)
+    assert "s3-secret" not in dumped and "AKIA-secret-id" not in dumped and ":pw@" not in dumped
+
+
+def test_output_lines_are_logged_with_the_batch_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    req = batch(tmp_path, "b-log")
+    command = "sh -c 'echo to-stdout; echo to-stderr >&2'"
+    with (
+        caplog.at_level(logging.INFO, logger="stagerd"),
+        pytest.raises(ProcessorFailed, match="no results file"),
+    ):
+        make_processor(command, env=ENV).run(req, timeout=30)
+    lines = {(r.stream, r.getMessage()) for r in caplog.records if hasattr(r, "stream")}  # type: ignore[attr-defined]
+    assert ("stdout", "processor stdout [b-log]: to-stdout") in lines
+    assert ("stderr", "processor stderr [b-log]: to-stderr") in lines
+    assert all(r.batch_id == "b-log" for r in caplog.records if hasattr(r, "stream"))  # type: ignore[attr-defined]
+
+
+def test_nonzero_exit_fails_with_the_last_stderr_line(tmp_path: Path) -> None:
+    req = batch(tmp_path)
+    with pytest.raises(ProcessorFailed, match=r"exited with status 1: wavinfo: batch b1: failing"):
+        make_processor(f"{WAVINFO} --fail", env=ENV).run(req, timeout=30)
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    req = batch(tmp_path)
+    # The child ignores SIGTERM, so only the SIGKILL after the grace ends it.
+    command = 'sh -c \'sh -c "trap \\"\\" TERM; sleep 30" & echo $! > child.pid; wait\''
+    proc = make_processor(command, env=ENV, kill_grace=0.5)
+    started = time.monotonic()
+    with pytest.raises(ProcessorFailed, match="timed out after 1s"):
+        proc.run(req, timeout=1)
+    assert time.monotonic() - started < 10
+    child = int((req.batch_dir / "child.pid").read_text())
+    assert wait_dead(child)
+
+
+def test_stop_event_kills_the_processor(tmp_path: Path) -> None:
+    req = batch(tmp_path)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(ProcessorFailed, match="shutting down"):
+        make_processor("sleep 30", env=ENV, kill_grace=1).run(req, timeout=60, stop=stop)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("not json\n", "line 1 is not JSON"),
+        ('{"item": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ('{"item": 7}\n', "lacks a non-empty string 'item'"),
+        ('{"item": "a"}\n{"item": "a"}\n', "repeat item 'a'"),
+        ('{"item": "a", "v": NaN}\n', "NaN is not valid JSON"),
+        ('{"item": "a", "v": "x\\u0000y"}\n', "NUL character"),
+        ('{"item": "a", "v\\ud800": 1}\n', "lone UTF-16 surrogate"),
+        ('{"item": "a", "v": "\\udc80"}\n', "lone UTF-16 surrogate"),
+        ('{"item": "' + "x" * 2049 + '"}\n', "item is longer than 2048 bytes"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply|not a JSON object"),
+    ],
+)
+def test_bad_results_files_fail(tmp_path: Path, content: str, why: str) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text(content)
+    with pytest.raises(ResultsRejected, match=why):
+        read_results(path)
+
+
+def test_results_file_rules(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"item": "a", "v": "\xff"}\n')
+    with pytest.raises(ResultsRejected, match="not UTF-8"):
+        read_results(path)
+    path.write_text('{"item": "a"}\n{"stagerd": "end", "count": 2}\n')
+    with pytest.raises(ProcessorFailed, match="truncated: the trailer says 2 rows"):
+        read_results(path)
+    path.write_text('{"item": "a"}\n' * 4)
+    with pytest.raises(ResultsRejected, match="more than 3 results"):
+        read_results(path, ResultLimits(max_results=3))
+    path.write_text('{"item": "a", "pad": "' + "x" * 100 + '"}\n')
+    with pytest.raises(ResultsRejected, match="longer than 64 bytes"):
+        read_results(path, ResultLimits(max_row_bytes=64))
+    (tmp_path / "elsewhere").write_text('{"item": "secret"}\n')
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ProcessorFailed, match="unreadable"):
+        read_results(path)
+
+
+def test_zero_results_need_the_explicit_trailer(tmp_path: Path) -> None:
+    req = batch(tmp_path)
+    req.results_path.write_text("stale from an earlier attempt\n")
+    with pytest.raises(ProcessorFailed, match="no results file"):
+        make_processor("true", env=ENV).run(req, timeout=30)
+    empty = make_processor("sh -c ': > \"$STAGERD_RESULTS\"'", env=ENV)
+    with pytest.raises(ProcessorFailed, match="no results for a non-empty input"):
+        empty.run(req, timeout=30)
+    trailer = "import json, os; open(os.environ['STAGERD_RESULTS'], 'w').write(json.dumps({'stagerd': 'end', 'count': 0}))"
+    said_so = f"{PY} -c {shlex.quote(trailer)}"
+    assert len(make_processor(said_so, env=ENV).run(req, timeout=30).results) == 0
+    for name in os.listdir(req.input_dir):
+        (req.input_dir / name).unlink()
+    assert len(make_processor("true", env=ENV).run(req, timeout=30).results) == 0
+
+
+def test_bad_results_from_a_real_run_fail(tmp_path: Path) -> None:
+    req = batch(tmp_path)
+    outcome = make_processor("sh -c 'echo nope > \"$STAGERD_RESULTS\"'", env=ENV).run(
+        req, timeout=30
+    )
+    with pytest.raises(ResultsRejected, match="not JSON"):
+        loaded(outcome)
+
+
+def test_bad_commands_and_modes_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="empty command"):
+        make_processor("  ")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        make_processor("echo 'unterminated")
+    with pytest.raises(ConfigError, match="not found"):
+        make_processor("/no/such/processor --flag")
+    with pytest.raises(ConfigError, match="oneshot, persistent"):
+        make_processor("true", "sometimes")
+
+
+def test_scrub_env_is_pure() -> None:
+    env = {"A": "1", "S3_SECRET_KEY": "x", "db_password": "y", "AWS_ACCESS_KEY_ID": "z"}
+    assert scrub_env(env) == {"A": "1"}
+
+
+def persistent(args: str = "", **kw: float) -> PersistentProcessor:
+    proc = make_processor(f"{WAVINFO} --persistent {args}", "persistent", env=ENV, **kw)
+    assert isinstance(proc, PersistentProcessor)
+    return proc
+
+
+def test_persistent_serves_many_batches_from_one_process(tmp_path: Path) -> None:
+    proc = persistent()
+    try:
+        first = proc.run(batch(tmp_path, "p1", files=2), timeout=30)
+        pid = proc.pid
+        second = proc.run(batch(tmp_path, "p2", files=4), timeout=30)
+        assert proc.pid == pid and pid is not None
+        assert len(first.results) == 2 and len(second.results) == 4
+    finally:
+        proc.close()
+    assert pid is not None and wait_dead(pid)
+    assert proc.pid is None
+
+
+def test_persistent_failure_answer_keeps_the_process(tmp_path: Path) -> None:
+    proc = persistent("--fail")
+    try:
+        with pytest.raises(ProcessorFailed, match=r"failing as asked \(--fail\)"):
+            proc.run(batch(tmp_path, "p1"), timeout=30)
+        pid = proc.pid
+        with pytest.raises(ProcessorFailed):
+            proc.run(batch(tmp_path, "p2"), timeout=30)
+        assert proc.pid == pid
+    finally:
+        proc.close()
+
+
+def test_persistent_process_that_dies_is_replaced(tmp_path: Path) -> None:
+    marker = tmp_path / "die-once"
+    proc = persistent(f"--die-if-exists {marker}")
+    try:
+        proc.run(batch(tmp_path, "p0"), timeout=30)
+        first_pid = proc.pid
+        marker.touch()
+        with pytest.raises(ProcessorFailed, match="died during batch p1"):
+            proc.run(batch(tmp_path, "p1"), timeout=30)
+        outcome = proc.run(batch(tmp_path, "p2"), timeout=30)  # a fresh process
+        assert len(outcome.results) == 3
+        assert proc.pid not in (None, first_pid)
+    finally:
+        proc.close()
+
+
+def test_persistent_timeout_kills_and_restarts(tmp_path: Path) -> None:
+    proc = persistent("--sleep 2", kill_grace=0.5)
+    try:
+        with pytest.raises(ProcessorFailed, match="timed out"):
+            proc.run(batch(tmp_path, "p1"), timeout=0.5)
+        assert proc.pid is None
+        outcome = proc.run(batch(tmp_path, "p2"), timeout=30)
+        assert len(outcome.results) == 3
+    finally:
+        proc.close()
+
+
+def test_persistent_child_env_has_no_secrets(tmp_path: Path) -> None:
+    script = (
+        "import os, sys, json\n"
+        "for line in sys.stdin:\n"
+        "    req = json.loads(line)\n"
+        "    open(req['results'], 'w').write(json.dumps({'item': 'env', 'env': dict(os.environ)}))\n"
+        "    print(json.dumps({'batch_id': req['batch_id'], 'ok': True}), flush=True)\n"
+    )
+    env = {**ENV, "S3_SECRET_KEY": "s3-secret", "DATABASE_URL": "postgresql://u:pw@h/d"}
+    proc = make_processor(f"{PY} -c {shlex.quote(script)}", "persistent", env=env)
+    try:
+        [(_, result)] = loaded(proc.run(batch(tmp_path, "p1"), timeout=30))
+    finally:
+        proc.close()
+    assert "S3_SECRET_KEY" not in result["env"] and "DATABASE_URL" not in result["env"]
+    assert result["env"]["STAGERD_PROCESSOR_MODE"] == "persistent"

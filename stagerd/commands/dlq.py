@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from stagerd.commands import duration_flag, state
-from stagerd.errors import ServiceUnavailable, UsageError
+from stagerd.errors import UsageError
+from stagerd.queue.dlq import guard as _guard
 
 if TYPE_CHECKING:
     from stagerd.config.settings import Settings
     from stagerd.queue.dlq import DeadLetters
-
-T = TypeVar("T")
 
 dlq_app = typer.Typer(help="Inspect and replay dead-lettered jobs.", no_args_is_help=True)
 
@@ -27,11 +25,9 @@ def register(app: typer.Typer) -> None:
 
 def _dead_letters(ctx: typer.Context) -> tuple[DeadLetters, Settings]:
     from stagerd.queue.dlq import DeadLetters
-    from stagerd.queue.keys import QueueKeys
-    from stagerd.queue.redis_queue import connect
 
     settings = state(ctx).settings()
-    return DeadLetters(connect(settings.redis_url, retries=1), QueueKeys(settings.queue)), settings
+    return DeadLetters.from_settings(settings), settings
 
 
 @dlq_app.command("list")
@@ -100,13 +96,3 @@ def purge(
     age = duration_flag(older_than, "--older-than") if older_than else None
     dead, _ = _dead_letters(ctx)
     typer.echo(json.dumps({"purged": _guard(lambda: dead.purge(age))}))
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Run a Redis operation, turning an unreachable Redis into one clear error."""
-    import redis
-
-    try:
-        return fn()
-    except redis.RedisError as exc:
-        raise ServiceUnavailable(f"Redis unreachable: {exc}") from None

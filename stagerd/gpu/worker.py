@@ -369,7 +369,7 @@ class Heartbeat:
 
     def _recover(self) -> None:
         from stagerd.db.ledger import requeue_stale_batches
-        from stagerd.queue.redis_queue import recover_orphans
+        from stagerd.queue.orphans import recover_orphans
 
         report = recover_orphans(
             self._queue.client, self._queue.keys, max_attempts=self._queue.max_attempts

@@ -5,7 +5,7 @@ Parts, in order:
 1. scratch sweep (local): :func:`stagerd.scratch.sweep.sweep_scratch`;
 2. reservation records (local): records of dead owners, :meth:`ScratchManager.reclaim_dead`;
 3. queue (cluster): in-flight jobs of workers whose heartbeat expired,
-   :func:`stagerd.queue.redis_queue.recover_orphans`;
+   :func:`stagerd.queue.orphans.recover_orphans`;
 4. multipart uploads (cluster): incomplete uploads under ``archives/`` older than the
    maximum age are aborted (Swift's S3 API has no lifecycle rules to do it);
 5. ledger (cluster, when ``DATABASE_URL`` is set): batches of the dead workers found in 3
@@ -250,7 +250,7 @@ def _queue_part(
         return None
     import redis as redis_lib
 
-    from stagerd.queue.redis_queue import recover_orphans
+    from stagerd.queue.orphans import recover_orphans
 
     try:
         recovered = recover_orphans(

@@ -12,13 +12,11 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 
-from stagerd.job import loads_untrusted
 from stagerd.queue.keys import QueueKeys
 
 if TYPE_CHECKING:
-    import redis
-
     from stagerd.config.settings import Settings
+    from stagerd.queue.snapshot import QueueSnapshot
 
 
 def collect(settings: Settings, *, failures: int = 10) -> dict[str, Any]:
@@ -29,14 +27,15 @@ def collect(settings: Settings, *, failures: int = 10) -> dict[str, Any]:
     from stagerd.config.settings import redact_url
     from stagerd.errors import StagerdError
     from stagerd.queue.redis_queue import connect
+    from stagerd.queue.snapshot import queue_snapshot
 
     errors: list[str] = []
     out: dict[str, Any] = {"queue": None, "workers": None, "scratch": None, "recent_failures": None}
     try:
-        client = connect(settings.redis_url, retries=1)
-        keys = QueueKeys(settings.queue)
-        out["queue"] = queue_section(client, keys)
-        out["workers"] = worker_section(client, keys)
+        now = time.time()
+        snapshot = queue_snapshot(connect(settings.redis_url, retries=1), QueueKeys(settings.queue))
+        out["queue"] = queue_section(snapshot)
+        out["workers"] = worker_section(snapshot, now)
     except (redis_lib.RedisError, OSError) as exc:
         errors.append(f"redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
     try:
@@ -56,56 +55,31 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
 
 
-def queue_section(client: redis.Redis, keys: QueueKeys) -> dict[str, Any]:
-    return {
-        "name": keys.pending,
-        "pending": int(client.llen(keys.pending)),
-        "dead": int(client.llen(keys.dead)),
-    }
+def queue_section(snapshot: QueueSnapshot) -> dict[str, Any]:
+    return {"name": snapshot.name, "pending": snapshot.pending, "dead": snapshot.dead}
 
 
-def worker_section(client: redis.Redis, keys: QueueKeys) -> list[dict[str, Any]]:
+def worker_section(snapshot: QueueSnapshot, now: float) -> list[dict[str, Any]]:
     """Every known worker, whether its heartbeat is alive, and its in-flight jobs."""
-    now = time.time()
-    from stagerd.queue.redis_queue import processing_owners
-
-    # Also workers dropped from the set that still hold jobs (found by their lists).
-    registered = {w.decode() for w in cast(set[bytes], client.smembers(keys.workers))}
-    workers = sorted(registered | set(processing_owners(client, keys)))
-    section = []
-    for worker in workers:
-        phases = {
-            k.decode(): json.loads(v)
-            for k, v in cast(dict[bytes, bytes], client.hgetall(keys.phase(worker))).items()
-        }
-        jobs = []
-        for raw in cast(list[bytes], client.lrange(keys.processing(worker), 0, -1)):
-            try:
-                batch_id = loads_untrusted(raw).get("batch_id")
-            except (ValueError, AttributeError):
-                batch_id = None
-            info = phases.get(batch_id or "(invalid)", {})
-            since = info.get("since")
-            jobs.append(
+    return [
+        {
+            "id": worker.id,
+            "alive": worker.alive,
+            "heartbeat_ttl_seconds": round(worker.heartbeat_ttl_ms / 1000, 1)
+            if worker.heartbeat_ttl_ms and worker.alive
+            else None,
+            "in_flight": [
                 {
-                    "batch_id": batch_id,
-                    "phase": info.get("phase", "queued"),
-                    "age_seconds": round(now - since, 1) if since else None,
-                    "attempt": info.get("attempt"),
+                    "batch_id": job.batch_id,
+                    "phase": job.phase,
+                    "age_seconds": round(now - job.since, 1) if job.since else None,
+                    "attempt": job.attempt,
                 }
-            )
-        ttl = client.pttl(keys.heartbeat(worker))
-        section.append(
-            {
-                "id": worker,
-                "alive": bool(ttl is not None and int(ttl) > 0),
-                "heartbeat_ttl_seconds": round(int(ttl) / 1000, 1)
-                if ttl and int(ttl) > 0
-                else None,
-                "in_flight": jobs,
-            }
-        )
-    return section
+                for job in worker.in_flight
+            ],
+        }
+        for worker in snapshot.workers
+    ]
 
 
 def scratch_section(settings: Settings) -> dict[str, Any] | None:

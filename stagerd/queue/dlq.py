@@ -1,23 +1,37 @@
-"""Dead-letter operations: list, show, retry, purge.
+"""Dead-letter records and the operations ``stagerd dlq`` needs: list, show, retry, purge.
 
-Dead letters are JSON envelopes (see :meth:`stagerd.queue.redis_queue.ReliableQueue.envelope`):
-``{"id", "payload", "batch_id", "error", "attempts", "worker", "failed_at"}``. An entry is
-named by its ``id`` or, for convenience, its batch id. Retry and purge move exact entries
-with one Lua script each, so a concurrent worker dead-lettering more jobs loses nothing.
+Dead letters are JSON records built by :func:`dead_letter_record` (the one builder: the
+worker's transitions store its output, orphan recovery's Lua script fills in a template it
+built): ``{"id", "payload", "batch_id", "error", "attempts", "worker", "failed_at"}``, the
+id 12 lowercase hex digits. An entry is named by its ``id`` or, for convenience, its batch
+id. Retry and purge move exact entries with one Lua script each, so a concurrent worker
+dead-lettering more jobs loses nothing.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from stagerd.errors import UsageError
+from stagerd.errors import ServiceUnavailable, UsageError
 from stagerd.job import loads_untrusted
 from stagerd.queue.keys import QueueKeys
 
 if TYPE_CHECKING:
     import redis
+
+    from stagerd.config.settings import Settings
+
+T = TypeVar("T")
+
+# Ids are 12 hex digits. Orphan recovery numbers the n-th dead letter of a pass
+# '%012x' % (base + n), so a base leaves room for this many per pass.
+_ID_DIGITS = 12
+_ID_SPAN = 1 << 24
 
 _REMOVE = "return redis.call('LREM', KEYS[1], 1, ARGV[1])"
 
@@ -28,6 +42,43 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
 return 1
 """
+
+
+def new_record_id() -> str:
+    """A fresh dead-letter id: 12 random lowercase hex digits."""
+    return secrets.token_hex(_ID_DIGITS // 2)
+
+
+def record_id_base() -> int:
+    """A random base for the ids a Lua script numbers itself (``'%012x' % (base + n)``,
+    n < 2**24): the ids keep the format of :func:`new_record_id`."""
+    return secrets.randbelow(16**_ID_DIGITS - _ID_SPAN)
+
+
+def dead_letter_record(
+    *,
+    payload: bytes,
+    batch_id: str | None,
+    error: str,
+    attempts: int,
+    worker: str,
+    failed_at: str,
+    record_id: str | None = None,
+) -> str:
+    """The JSON of one dead letter (keys sorted). *payload* is the job's exact bytes,
+    stored as text (undecodable bytes replaced); *record_id* defaults to a new id."""
+    return json.dumps(
+        {
+            "id": record_id if record_id is not None else new_record_id(),
+            "payload": payload.decode("utf-8", errors="replace"),
+            "batch_id": batch_id,
+            "error": error,
+            "attempts": attempts,
+            "worker": worker,
+            "failed_at": failed_at,
+        },
+        sort_keys=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -94,6 +145,15 @@ class DeadLetters:
         self.client = client
         self.keys = keys
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeadLetters:
+        """The dead letters of STAGERD_QUEUE on REDIS_URL, through a client that retries a
+        command once (an operator wants to hear at once that Redis is down). Raises
+        ConfigError for an unparsable REDIS_URL."""
+        from stagerd.queue.redis_queue import connect
+
+        return cls(connect(settings.redis_url, retries=1), QueueKeys(settings.queue))
+
     def list(self) -> list[DeadLetter]:
         raws = cast(list[bytes], self.client.lrange(self.keys.dead, 0, -1))
         return [DeadLetter.parse(raw) for raw in raws]
@@ -132,3 +192,14 @@ class DeadLetters:
                 continue
             removed += int(remove(keys=[self.keys.dead], args=[entry.raw]))
         return removed
+
+
+def guard(fn: Callable[[], T]) -> T:
+    """Run a dead-letter operation, turning any Redis error into one clear
+    ServiceUnavailable ("Redis unreachable: ..."); stagerd's own errors pass through."""
+    import redis
+
+    try:
+        return fn()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"Redis unreachable: {exc}") from None

@@ -37,7 +37,10 @@ from typing import TYPE_CHECKING, Any, cast
 from stagerd.errors import ConfigError, InvalidJob, ServiceUnavailable
 from stagerd.job import Job
 from stagerd.log import get_logger
+from stagerd.queue import scripts
+from stagerd.queue.dlq import dead_letter_record
 from stagerd.queue.keys import QueueKeys
+from stagerd.recovery import decide
 
 if TYPE_CHECKING:
     import redis
@@ -46,90 +49,26 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# KEYS: processing, target list, attempts hash, phase hash
-# ARGV: raw payload, "front"|"back"|"dead", batch id ("" if unknown), envelope (for dead),
-#       "1" to refund the attempt (a hand-back that was not a failure)
-_MOVE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-if ARGV[5] == '1' and ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[3], -1) end
-if ARGV[2] == 'front' then redis.call('LPUSH', KEYS[2], ARGV[1])
-elseif ARGV[2] == 'back' then redis.call('RPUSH', KEYS[2], ARGV[1])
-elseif ARGV[2] == 'dead' then redis.call('RPUSH', KEYS[2], ARGV[4]) end
-if ARGV[3] ~= '' then
-  redis.call('HDEL', KEYS[4], ARGV[3])
-  if ARGV[2] ~= 'front' and ARGV[2] ~= 'back' then redis.call('HDEL', KEYS[3], ARGV[3]) end
-end
-return 1
-"""
-
-# KEYS: processing, pending, dead, attempts, heartbeat, workers, phase
-# ARGV: max_attempts, worker id, failed_at, id prefix
-# Returns {requeued batch ids..., '|', dead-lettered batch ids...}
-_RECOVER = """
-if redis.call('EXISTS', KEYS[5]) == 1 then return {'|'} end
-local requeued, dead = {}, {}
-local n = 0
-while true do
-  local raw = redis.call('RPOP', KEYS[1])
-  if not raw then break end
-  n = n + 1
-  local ok, job = pcall(cjson.decode, raw)
-  local batch = ''
-  if ok and type(job) == 'table' and type(job['batch_id']) == 'string' then batch = job['batch_id'] end
-  local attempts = 0
-  if batch ~= '' then attempts = tonumber(redis.call('HGET', KEYS[4], batch) or '0') end
-  if batch ~= '' and attempts >= tonumber(ARGV[1]) then
-    local envelope = cjson.encode({id = ARGV[4] .. n, payload = raw, batch_id = batch,
-      error = 'worker ' .. ARGV[2] .. ' died (heartbeat expired) on attempt ' .. attempts,
-      attempts = attempts, worker = ARGV[2], failed_at = ARGV[3]})
-    redis.call('RPUSH', KEYS[3], envelope)
-    redis.call('HDEL', KEYS[4], batch)
-    table.insert(dead, batch)
-  else
-    redis.call('LPUSH', KEYS[2], raw)
-    table.insert(requeued, batch)
-  end
-end
-redis.call('DEL', KEYS[7])
-redis.call('SREM', KEYS[6], ARGV[2])
-local out = requeued
-table.insert(out, '|')
-for _, b in ipairs(dead) do table.insert(out, b) end
-return out
-"""
-
-# KEYS: heartbeat, workers. ARGV: worker id, token, ttl ms
-# Returns {was a member of the workers set (0/1), the token the heartbeat key held or ''}
-_BEAT = """
-local member = redis.call('SISMEMBER', KEYS[2], ARGV[1])
-local before = redis.call('GET', KEYS[1]) or ''
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[1])
-return {member, before}
-"""
-
-# KEYS: epoch. ARGV: floor. Raise the lease epoch to at least *floor* (Redis forgot it).
-_EPOCH_FLOOR = """
-local now = tonumber(redis.call('GET', KEYS[1]) or '0')
-if now < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) return tonumber(ARGV[1]) end
-return now
-"""
-
-# KEYS: pending, enqueued marker hash. ARGV: batch id, marker, payload, force
-_ENQUEUE_ONCE = """
-if ARGV[4] ~= '1' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end
-redis.call('RPUSH', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
+# redis-py's own retries of a connection or timeout error, per command (see connect).
+REDIS_RETRIES = 6
 
 
-def connect(url: str, *, retries: int = 6) -> redis.Redis:
+def connect(url: str, *, retries: int = REDIS_RETRIES) -> redis.Redis:
     """A Redis client that retries its own connection errors briefly and detects dead
     connections, so a Redis restart costs a few seconds rather than a crash.
 
+    The bound, set deliberately: redis-py makes at most ``retries + 1`` attempts per
+    command (7 by default), sleeping ``min(2, 0.1 * 2**n)`` s after the n-th failure (0.2,
+    0.4, 0.8, 1.6, 2, 2: 7 s in all), each connect bounded by a 5 s timeout. That rides out
+    a restart for the callers without a policy of their own (the janitor, transfer's
+    enqueue); the worker's service policy (:func:`stagerd.queue.errors.is_transient_redis`)
+    retries whole operations above it. A connection that breaks in the middle of a command
+    is re-dialled inside that command's retry (redis-py nests the two), so the strict
+    bound is ``(retries + 1) ** 2`` dials per command.
+
     Interactive tools pass ``retries=1``: an operator asking for status wants to hear at
-    once that Redis is down, not after the long services' patience."""
+    once that Redis is down, not after the long services' patience. Raises ConfigError for
+    an unparsable *url* (without quoting it)."""
     import redis as redis_lib
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
@@ -185,15 +124,6 @@ class Beat:
     twin: str | None
 
 
-@dataclass(frozen=True)
-class RecoveryReport:
-    """What one orphan-recovery pass did (or, dry, would do)."""
-
-    dead_workers: list[str]
-    requeued: list[str]
-    dead_lettered: list[str]
-
-
 class ReliableQueue:
     """One worker process's view of the queue. Thread-safe (redis-py pools connections)."""
 
@@ -213,8 +143,8 @@ class ReliableQueue:
         self.max_attempts = max_attempts
         # Distinguishes this process from a predecessor or a twin with the same worker id.
         self.token = f"{uuid.uuid4().hex[:12]}"
-        self._move = client.register_script(_MOVE)
-        self._beat = client.register_script(_BEAT)
+        self._move = client.register_script(scripts.MOVE)
+        self._beat = client.register_script(scripts.BEAT)
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str | None = None) -> ReliableQueue:
@@ -344,25 +274,27 @@ class ReliableQueue:
         self._transition(d, self.keys.dead, "dead", self.envelope(d, reason))
 
     def retry_or_dead(self, d: Delivery, reason: str, *, permanent: bool) -> str:
-        """Dead-letter a permanent or exhausted failure, else requeue at the tail."""
-        if permanent or d.attempt >= self.max_attempts:
-            self.dead_letter(d, reason)
+        """Carry out :func:`stagerd.recovery.decide` for a failed attempt: dead-letter a
+        permanent or exhausted failure (returns "dead"), else requeue at the tail
+        ("requeued")."""
+        decision = decide(
+            d.attempt, self.max_attempts, permanent=permanent, owner_alive=True, failure=reason
+        )
+        if decision.action == "dead_letter":
+            self.dead_letter(d, decision.reason)
             return "dead"
         self.requeue(d, front=False)
         return "requeued"
 
     def envelope(self, d: Delivery, reason: str) -> str:
-        return json.dumps(
-            {
-                "id": uuid.uuid4().hex[:12],
-                "payload": d.raw.decode("utf-8", errors="replace"),
-                "batch_id": d.batch_id,
-                "error": reason,
-                "attempts": d.attempt,
-                "worker": self.worker_id,
-                "failed_at": utc_now(),
-            },
-            sort_keys=True,
+        """The dead-letter record of *d* failed with *reason* on this worker, now."""
+        return dead_letter_record(
+            payload=d.raw,
+            batch_id=d.batch_id,
+            error=reason,
+            attempts=d.attempt,
+            worker=self.worker_id,
+            failed_at=utc_now(),
         )
 
     def set_phase(self, d: Delivery, phase: str) -> None:
@@ -377,58 +309,6 @@ class ReliableQueue:
         return [Delivery.parse(raw) for raw in raws]
 
 
-def recover_orphans(
-    client: redis.Redis, keys: QueueKeys, *, max_attempts: int, dry_run: bool = False
-) -> RecoveryReport:
-    """Requeue (head) or dead-letter the in-flight jobs of every worker whose heartbeat
-    expired. Safe to run from many places at once: each worker's list is handled by one
-    atomic script that re-checks the heartbeat first."""
-    workers = sorted(
-        {w.decode() for w in cast(set[bytes], client.smembers(keys.workers))}
-        | set(processing_owners(client, keys))
-    )
-    dead_workers: list[str] = []
-    requeued: list[str] = []
-    dead_lettered: list[str] = []
-    script = client.register_script(_RECOVER)
-    for worker in workers:
-        if client.exists(keys.heartbeat(worker)):
-            continue
-        dead_workers.append(worker)
-        if dry_run:
-            r, d = _plan_recovery(client, keys, worker, max_attempts)
-        else:
-            out = cast(
-                list[bytes],
-                script(
-                    keys=[
-                        keys.processing(worker),
-                        keys.pending,
-                        keys.dead,
-                        keys.attempts,
-                        keys.heartbeat(worker),
-                        keys.workers,
-                        keys.phase(worker),
-                    ],
-                    args=[max_attempts, worker, utc_now(), uuid.uuid4().hex[:8] + "-"],
-                ),
-            )
-            items = [b.decode() for b in out]
-            split = items.index("|")
-            r, d = items[:split], items[split + 1 :]
-        requeued.extend(r)
-        dead_lettered.extend(d)
-        if r or d:
-            log.warning(
-                "recovered jobs of dead worker %s: %d requeued, %d dead-lettered",
-                worker,
-                len(r),
-                len(d),
-                extra={"worker": worker, "dry_run": dry_run},
-            )
-    return RecoveryReport(dead_workers=dead_workers, requeued=requeued, dead_lettered=dead_lettered)
-
-
 def processing_owners(client: redis.Redis, keys: QueueKeys) -> list[str]:
     """Worker ids that have a processing list (found by SCAN, whatever the workers set says)."""
     prefix = keys.processing("")
@@ -439,24 +319,12 @@ def processing_owners(client: redis.Redis, keys: QueueKeys) -> list[str]:
 
 def raise_epoch(client: redis.Redis, keys: QueueKeys, floor: int) -> None:
     """Raise the lease epoch to at least *floor* (never lowers it; atomic)."""
-    client.eval(_EPOCH_FLOOR, 1, keys.epoch, floor)
+    client.eval(scripts.EPOCH_FLOOR, 1, keys.epoch, floor)
 
 
 def glob_escape(text: str) -> str:
     """*text* as a literal in a SCAN MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _plan_recovery(
-    client: redis.Redis, keys: QueueKeys, worker: str, max_attempts: int
-) -> tuple[list[str], list[str]]:
-    requeue: list[str] = []
-    dead: list[str] = []
-    for raw in cast(list[bytes], client.lrange(keys.processing(worker), 0, -1)):
-        batch = Delivery.parse(raw).batch_id or ""
-        attempts = int(cast(Any, client.hget(keys.attempts, batch)) or 0) if batch else 0
-        (dead if batch and attempts >= max_attempts else requeue).append(batch)
-    return requeue, dead
 
 
 def enqueue_once(client: redis.Redis, keys: QueueKeys, job: Job, *, force: bool = False) -> bool:
@@ -466,7 +334,7 @@ def enqueue_once(client: redis.Redis, keys: QueueKeys, job: Job, *, force: bool 
     True when the job was pushed.
     """
     marker = job.sha256 or f"size:{job.size}"
-    script = client.register_script(_ENQUEUE_ONCE)
+    script = client.register_script(scripts.ENQUEUE_ONCE)
     pushed = script(
         keys=[keys.pending, keys.enqueued],
         args=[job.batch_id, marker, job.to_json(), "1" if force else "0"],

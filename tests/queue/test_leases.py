@@ -13,7 +13,8 @@ from stagerd.errors import LeaseLost
 from stagerd.job import Job
 from stagerd.queue.keys import QueueKeys
 from stagerd.queue.lease import Fence, LeaseBook
-from stagerd.queue.redis_queue import ReliableQueue, recover_orphans
+from stagerd.queue.orphans import recover_orphans
+from stagerd.queue.redis_queue import ReliableQueue
 from stagerd.retry import RetryPolicy
 from tests.worker_support import wait_for
 

@@ -10,7 +10,8 @@ import pytest
 from stagerd.errors import ServiceUnavailable
 from stagerd.job import Job
 from stagerd.queue.keys import QueueKeys
-from stagerd.queue.redis_queue import ReliableQueue, connect, enqueue_once, recover_orphans
+from stagerd.queue.orphans import recover_orphans
+from stagerd.queue.redis_queue import ReliableQueue, connect, enqueue_once
 
 
 @pytest.fixture

@@ -4,11 +4,12 @@ redis-py raises its own tree (``redis.RedisError``); its ``ConnectionError`` and
 ``TimeoutError`` are *not* the builtins, so :func:`stagerd.retry.is_transient` alone does not
 see them. The mapping:
 
-- ``redis.ConnectionError`` (also ``BusyLoadingError``, a Redis still loading its data) and
-  ``redis.TimeoutError``: transient, like :class:`~stagerd.errors.TransientError`;
-- every other ``redis.RedisError`` (``ResponseError`` such as WRONGTYPE, a script error, an
-  authentication failure): permanent, like :class:`~stagerd.errors.PermanentError`: the
-  same command against the same data fails again;
+- ``redis.ConnectionError`` (also ``BusyLoadingError``, a Redis still loading its data,
+  and ``AuthenticationError``, which redis-py derives from it) and ``redis.TimeoutError``:
+  transient, like :class:`~stagerd.errors.TransientError`;
+- every other ``redis.RedisError`` (``ResponseError`` such as WRONGTYPE or a script
+  error): permanent, like :class:`~stagerd.errors.PermanentError`: the same command
+  against the same data fails again;
 - anything else: as :func:`stagerd.retry.is_transient` says.
 
 Attempts per operation are bounded twice, on purpose: redis-py retries a connection or

@@ -14,9 +14,13 @@ Contract:
   requeues it) can never both act.
 - Workers keep a heartbeat key with a TTL. A worker whose heartbeat expired is dead; its
   in-flight jobs go back to the head of the pending list (order kept) or, when their
-  attempts are used up, to the dead-letter list. Dead workers are found by scanning for
-  processing lists, not only through the workers set, so a worker that was dropped from the
-  set (recovered while stalled) and died later is still found.
+  attempts are used up, to the dead-letter list (:mod:`stagerd.queue.orphans`). Dead
+  workers are found by scanning for processing lists, not only through the workers set, so
+  a worker that was dropped from the set (recovered while stalled) and died later is still
+  found.
+- Requeue or dead-letter is always :func:`stagerd.recovery.decide`'s decision; the Lua
+  scripts (:mod:`stagerd.queue.scripts`) carry it out atomically, and dead letters are the
+  records of :func:`stagerd.queue.dlq.dead_letter_record`.
 - Every pickup carries a lease token: a global epoch (INCR), so a later pickup of a batch
   always carries a larger token than an earlier one. The ledger keeps the newest token per
   batch and refuses writes carrying an older one (fencing, :mod:`stagerd.db.ledger`).

@@ -1,0 +1,34 @@
+"""The Redis edge's error classifier."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from stagerd.errors import PermanentError, ServiceUnavailable
+from stagerd.gpu.pipeline import is_service_transient
+from stagerd.queue.errors import is_transient_redis
+
+CASES = [
+    (redis.ConnectionError("refused"), True),
+    (redis.TimeoutError("slow"), True),
+    (redis.BusyLoadingError("loading"), True),
+    (redis.ResponseError("WRONGTYPE"), False),
+    # redis-py derives AuthenticationError from ConnectionError: transient, as it always was.
+    (redis.AuthenticationError("bad password"), True),
+    (ServiceUnavailable("down"), True),
+    (PermanentError("no"), False),
+    (ConnectionResetError(), True),
+    (ValueError("bug"), False),
+]
+
+
+@pytest.mark.parametrize(("exc", "transient"), CASES)
+def test_classification(exc: BaseException, transient: bool) -> None:
+    assert is_transient_redis(exc) is transient
+
+
+@pytest.mark.parametrize(("exc", "_"), CASES)
+def test_drop_in_for_the_pipelines_classifier(exc: BaseException, _: bool) -> None:
+    # The pipeline is to be wired to is_transient_redis: it must classify the same way.
+    assert is_transient_redis(exc) is is_service_transient(exc)

@@ -1,13 +1,16 @@
 """Issue 17 (d): PostgreSQL unreachable for 90 s at commit (a TCP proxy in front of it
 stopped, every connection reset, then started again), once with the worker riding it out
-and once with the worker SIGKILLed and restarted (same identity) during the outage: the
-processor ran once for the batch and it ends done, its results committed once.
+once with the worker SIGKILLed and restarted (same identity) during the outage, and once
+with the killed worker replaced by another worker on the same host (a new identity, which
+recovers the dead worker's job and adopts its processed results): the processor ran once for
+the batch and it ends done, its results committed once.
 
 Set STAGERD_TEST_PG_OUTAGE (seconds) to shorten the outage locally.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 
 from stagerd.db import ledger as db
+from stagerd.queue.keys import QueueKeys
 from tests.reliability_support import Proc, counting_processor, processor_runs
 from tests.tcpproxy import TcpProxy
 from tests.worker_support import make_tar, phases, put_batch, scratch_leftovers, wait_for
@@ -23,9 +27,11 @@ from tests.worker_support import make_tar, phases, put_batch, scratch_leftovers,
 OUTAGE = float(os.environ.get("STAGERD_TEST_PG_OUTAGE", "90"))
 
 
-@pytest.mark.parametrize("restart", [False, True], ids=["ride-out", "restart"])
+@pytest.mark.parametrize(
+    "restart", [None, "same", "other"], ids=["ride-out", "restart", "another-worker"]
+)
 def test_results_outlive_a_postgres_outage_at_commit(
-    restart: bool,
+    restart: str | None,
     stagerd_env: dict[str, str],
     s3_client: Any,
     s3_bucket: str,
@@ -34,6 +40,7 @@ def test_results_outlive_a_postgres_outage_at_commit(
     database_url: str,
     scratch_dir: Path,
     tmp_path: Path,
+    run_cli: Any,
 ) -> None:
     assert "@127.0.0.1:5432/" in database_url
     runs = tmp_path / "runs"
@@ -62,7 +69,17 @@ def test_results_outlive_a_postgres_outage_at_commit(
         if restart:
             procs[0].kill()
             assert (scratch_dir / "pg1" / "processed.json").exists()
-            procs.append(Proc(env, tmp_path / "w2.log", "gpu", "--burst"))
+            successor = env
+            if restart == "other":
+                # Another worker on this host takes the dead one's job: once its heartbeat
+                # has expired, the janitor's recovery (Redis only: PostgreSQL is still down)
+                # puts it back on the queue.
+                keys = QueueKeys(queue_name)
+                wait_for(lambda: not redis_client.exists(keys.heartbeat(worker)), 30, "expiry")
+                janitor = run_cli(["janitor", "--json", "--min-age", "0s"], env=env)
+                assert json.loads(janitor.stdout)["requeued_jobs"] == ["pg1"], janitor.stderr
+                successor = {**env, "STAGERD_WORKER_ID": f"{worker}-b"}
+            procs.append(Proc(successor, tmp_path / "w2.log", "gpu", "--burst"))
         time.sleep(max(0.0, OUTAGE - (time.monotonic() - down_at)))
         proxy.start()
         assert procs[-1].popen.wait(300) == 0, procs[-1].tail()

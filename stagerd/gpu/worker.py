@@ -185,26 +185,14 @@ def _connect(
     taken = policies.redis.call(queue.register, what="queue register")
     if taken:
         log.info("took back %d job(s) of this worker's previous run", taken)
-    config = StepConfig(
-        worker_id=queue.worker_id,
-        bucket=s3.bucket,
-        keep_archive=options.keep_archive,
-        keep_failed=options.keep_failed,
-        process_timeout=settings.process_timeout,
-        reserve_timeout=options.reserve_timeout,
-        policies=policies,
-    )
+    config = _step_config(settings, options, policies, queue.worker_id, s3.bucket)
+    name = f"stagerd-{queue.worker_id}"
     client = get_s3_client(settings)
     steps = BatchSteps(
         settings,
         config,
         queue=queue,
-        ledger=Ledger(
-            database_url,
-            policy=policies.postgres,
-            application_name=f"stagerd-{queue.worker_id}",
-            guard=guard,
-        ),
+        ledger=Ledger(database_url, policy=policies.postgres, application_name=name, guard=guard),
         scratch=ScratchManager.from_settings(settings),
         s3=client,
         metrics=Metrics(settings.metrics_file, "gpu"),
@@ -213,6 +201,20 @@ def _connect(
         stop=stop,
     )
     return steps, queue
+
+
+def _step_config(
+    settings: Settings, options: WorkerOptions, policies: Policies, worker_id: str, bucket: str
+) -> StepConfig:
+    return StepConfig(
+        worker_id=worker_id,
+        bucket=bucket,
+        keep_archive=options.keep_archive,
+        keep_failed=options.keep_failed,
+        process_timeout=settings.process_timeout,
+        reserve_timeout=options.reserve_timeout,
+        policies=policies,
+    )
 
 
 def worker_health(settings: Settings, queue: ReliableQueue, s3: Any, bucket: str) -> WorkerHealth:

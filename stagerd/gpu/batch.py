@@ -82,6 +82,9 @@ class Batch:
         self.reservation: Reservation | None = None
         # Keep the scratch dir on close (results waiting for a commit, --keep-failed).
         self.keep = False
+        # How it ended, once it did through done, a failure ending or a hand-back; None
+        # while in flight, for a deferred commit, and for a job settled at its claim
+        # (acknowledged as already done, a reused id dead-lettered, a lease lost there).
         self.outcome: Outcome | None = None
         self._in_flight = in_flight
         self._leases = leases

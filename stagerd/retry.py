@@ -16,10 +16,13 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeVar
 
 from stagerd.errors import PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from stagerd.config.settings import Settings
 
 T = TypeVar("T")
 log = logging.getLogger("stagerd.retry")
@@ -175,3 +178,60 @@ def brief(exc: BaseException | None) -> str:
     lines = str(exc).strip().splitlines()
     text = redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# --- the policies of one process --------------------------------------------------------
+
+
+def _redis_policy() -> RetryPolicy:
+    # Rides out a Redis restart; bounded, so a dead Redis ends the process (systemd restarts it).
+    return RetryPolicy(attempts=40, base=0.2, max_delay=5.0, total=180.0)
+
+
+def _postgres_policy() -> RetryPolicy:
+    # Long enough to ride out a PostgreSQL restart, bounded so a dead database ends the job.
+    return RetryPolicy(attempts=30, base=0.2, max_delay=5.0, total=120.0)
+
+
+def _startup_policy() -> RetryPolicy:
+    # A worker restarted during a PostgreSQL outage (results waiting on scratch) waits for
+    # it rather than crash-looping into systemd's start limit; under TimeoutStartSec (5 min).
+    return RetryPolicy(attempts=10_000, base=0.2, max_delay=5.0, total=240.0)
+
+
+def _interactive_policy() -> RetryPolicy:
+    # Interactive commands: a person is waiting; fail within seconds with the reason.
+    return RetryPolicy(attempts=3, base=0.2, max_delay=1.0, total=10.0)
+
+
+@dataclass(frozen=True)
+class Policies:
+    """Every retry policy of one process, built once (:meth:`from_settings`) and passed down
+    to the edges and roles that call services; tests build their own, fast ones.
+
+    Each edge translates its library's errors into :class:`TransientError` /
+    :class:`PermanentError` before the policy sees them, so :func:`is_transient` is the
+    classifier; *redis* keeps a classifier of its own until the queue edge translates."""
+
+    redis: RetryPolicy = field(default_factory=_redis_policy)
+    postgres: RetryPolicy = field(default_factory=_postgres_policy)
+    postgres_startup: RetryPolicy = field(default_factory=_startup_policy)
+    interactive: RetryPolicy = field(default_factory=_interactive_policy)
+    s3: RetryPolicy = field(default_factory=RetryPolicy)
+    # How long a worker keeps retrying the results commit (STAGERD_COMMIT_RETRY), seconds.
+    commit_retry: float = 3600.0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        classify_redis: Callable[[BaseException], bool] = is_transient,
+        s3: RetryPolicy | None = None,
+    ) -> Policies:
+        """The policies for *settings*; *s3* replaces the staging policy (tests, options)."""
+        return cls(
+            redis=replace(_redis_policy(), classify=classify_redis),
+            s3=s3 if s3 is not None else RetryPolicy(),
+            commit_retry=settings.commit_retry,
+        )

@@ -9,12 +9,59 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Annotated
 
 import typer
 
 from stagerd.commands import duration_flag, state
+
+# The options, one alias each, so the command's signature reads as its list of flags.
+Concurrency = Annotated[
+    int, typer.Option("--concurrency", min=1, help="Job slots sharing one scratch budget.")
+]
+Prefetch = Annotated[
+    int,
+    typer.Option(
+        "--prefetch",
+        min=0,
+        help="Batches staged ahead per slot while one is processed (0: off).",
+    ),
+]
+Burst = Annotated[
+    bool, typer.Option("--burst", help="Exit when the queue is empty and nothing is in flight.")
+]
+KeepArchive = Annotated[
+    bool,
+    typer.Option("--keep-archive", help="Download archive.tar first, then extract (2x scratch)."),
+]
+KeepFailed = Annotated[
+    bool, typer.Option("--keep-failed", help="Keep the scratch dir of dead-lettered batches.")
+]
+ProcessorCmd = Annotated[
+    str | None,
+    typer.Option(
+        "--processor",
+        help="Processor command (default: $STAGERD_PROCESSOR).",
+        show_default=False,
+    ),
+]
+ProcessorMode = Annotated[
+    str, typer.Option("--processor-mode", help="oneshot (a process per batch) or persistent.")
+]
+DrainTimeout = Annotated[
+    str,
+    typer.Option("--drain-timeout", help="On SIGTERM, how long the processing batch may finish."),
+]
+WorkerId = Annotated[
+    str | None,
+    typer.Option(
+        "--worker-id",
+        help="Worker id (default: $STAGERD_WORKER_ID, else hostname).",
+        show_default=False,
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -23,54 +70,15 @@ def register(app: typer.Typer) -> None:
 
 def gpu(
     ctx: typer.Context,
-    concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, help="Job slots sharing one scratch budget.")
-    ] = 1,
-    prefetch: Annotated[
-        int,
-        typer.Option(
-            "--prefetch",
-            min=0,
-            help="Batches staged ahead per slot while one is processed (0: off).",
-        ),
-    ] = 1,
-    burst: Annotated[
-        bool, typer.Option("--burst", help="Exit when the queue is empty and nothing is in flight.")
-    ] = False,
-    keep_archive: Annotated[
-        bool,
-        typer.Option(
-            "--keep-archive", help="Download archive.tar first, then extract (2x scratch)."
-        ),
-    ] = False,
-    keep_failed: Annotated[
-        bool, typer.Option("--keep-failed", help="Keep the scratch dir of dead-lettered batches.")
-    ] = False,
-    processor: Annotated[
-        str | None,
-        typer.Option(
-            "--processor",
-            help="Processor command (default: $STAGERD_PROCESSOR).",
-            show_default=False,
-        ),
-    ] = None,
-    processor_mode: Annotated[
-        str, typer.Option("--processor-mode", help="oneshot (a process per batch) or persistent.")
-    ] = "oneshot",
-    drain_timeout: Annotated[
-        str,
-        typer.Option(
-            "--drain-timeout", help="On SIGTERM, how long the processing batch may finish."
-        ),
-    ] = "60s",
-    worker_id: Annotated[
-        str | None,
-        typer.Option(
-            "--worker-id",
-            help="Worker id (default: $STAGERD_WORKER_ID, else hostname).",
-            show_default=False,
-        ),
-    ] = None,
+    concurrency: Concurrency = 1,
+    prefetch: Prefetch = 1,
+    burst: Burst = False,
+    keep_archive: KeepArchive = False,
+    keep_failed: KeepFailed = False,
+    processor: ProcessorCmd = None,
+    processor_mode: ProcessorMode = "oneshot",
+    drain_timeout: DrainTimeout = "60s",
+    worker_id: WorkerId = None,
 ) -> None:
     """Consume the queue: reserve scratch, stage, process, record results in PostgreSQL."""
     from stagerd.errors import UsageError
@@ -83,19 +91,7 @@ def gpu(
     drain = duration_flag(drain_timeout, "--drain-timeout")
     settings = state(ctx).settings()
     stop = threading.Event()
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    def on_tick() -> None:
-        sdnotify.watchdog()
-        if stop.is_set() and not stopping.is_set():
-            stopping.set()
-            sdnotify.stopping()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    on_tick = _on_signals(stop)
     # Starve the watchdog once a slot has shown no progress for 3/4 of WatchdogSec.
     interval = sdnotify.watchdog_seconds()
     options = WorkerOptions(
@@ -116,3 +112,24 @@ def gpu(
     proctree.harden_worker()
     run(settings, options, stop)
     sdnotify.stopping()
+
+
+def _on_signals(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set *stop*; the returned tick feeds systemd's watchdog and sends
+    STOPPING=1 once, when the worker's loop first sees *stop*."""
+    from stagerd.gpu import sdnotify
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_tick() -> None:
+        sdnotify.watchdog()
+        if stop.is_set() and not stopping.is_set():
+            stopping.set()
+            sdnotify.stopping()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    return on_tick

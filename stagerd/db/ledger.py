@@ -2,8 +2,10 @@
 
 Contract of the IO edge:
 
-- Every call reconnects with backoff when PostgreSQL goes away (:data:`DB_POLICY`); a call
-  that still cannot reach it raises :class:`ServiceUnavailable` (transient).
+- Every call reconnects with backoff when PostgreSQL goes away (its policy: the process's
+  :attr:`Policies.postgres <stagerd.retry.Policies>`, :data:`DB_POLICY` by default); a call
+  that still cannot reach it raises :class:`ServiceUnavailable` (transient). psycopg's
+  errors are mapped once, in :mod:`stagerd.db.errors`.
 - :meth:`Ledger.commit_results` writes the results rows AND state ``done`` in one
   transaction and is idempotent: a batch already ``done`` is left alone (returns False), and
   result rows are unique per (batch_id, item), so a redelivered batch never duplicates rows.
@@ -18,18 +20,19 @@ psycopg is imported lazily so ``stagerd --help`` stays fast.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stagerd.db.pg import CLI_POLICY, DB_POLICY, connect, first_line, is_db_transient
+from stagerd.db.commit import claim_for_commit, copy_results
+from stagerd.db.errors import is_db_transient, translate
+from stagerd.db.pg import CLI_POLICY, DB_POLICY, connect
+from stagerd.db.recovery import requeue_stale_batches
+from stagerd.db.rows import BATCH_COLUMNS, STATES, BatchRow, FailureRow
 from stagerd.db.schema import Migration, load_migrations, migrate, pending_migrations
 from stagerd.errors import LeaseLost, ResultsRejected, ServiceUnavailable
-from stagerd.ids import archive_key
 from stagerd.log import get_logger
 from stagerd.retry import RetryPolicy
 from stagerd.shutdown import ShutdownGuard
@@ -57,48 +60,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = get_logger(__name__)
 
-STATES = ("queued", "staging", "processing", "done", "failed", "dead", "requeued")
 MAX_ERROR_CHARS = 2000
 
 
-# --- rows -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchRow:
-    batch_id: str
-    s3_key: str
-    state: str
-    attempts: int
-    worker: str | None
-    archive_bytes: int | None
-    extracted_bytes: int | None
-    file_count: int | None
-    sha256: str | None
-    stage_seconds: float | None
-    process_seconds: float | None
-    commit_seconds: float | None
-    error: str | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    lease: int | None = None
-    archive_size: int | None = None
-
-
-@dataclass(frozen=True)
-class FailureRow:
-    batch_id: str | None
-    attempt: int | None
-    worker: str | None
-    phase: str | None
-    outcome: str
-    error: str
-    failed_at: datetime
-
-
-_BATCH_COLUMNS = ", ".join(BatchRow.__dataclass_fields__)
 # A state write of a fenced caller: only while the row still holds its token (two params).
 _FENCE = "(%s::bigint IS NULL OR lease IS NULL OR lease = %s)"
 
@@ -265,9 +229,9 @@ class Ledger:
         def write(conn: psycopg.Connection[Any]) -> bool:
             started = time.monotonic()
             with conn.transaction():
-                if not self._claim_for_commit(conn, batch_id, worker, lease):
+                if not claim_for_commit(conn, batch_id, worker, lease):
                     return False
-                sent, inserted = _copy_results(conn, batch_id, results)
+                sent, inserted = copy_results(conn, batch_id, results)
                 if unique and inserted != sent:
                     raise ResultsRejected(
                         f"results repeat an item ({sent - inserted} duplicate rows)"
@@ -281,27 +245,6 @@ class Ledger:
             return True
 
         return self._run("ledger commit", write)
-
-    @staticmethod
-    def _claim_for_commit(
-        conn: psycopg.Connection[Any], batch_id: str, worker: str | None, lease: int | None
-    ) -> bool:
-        """Lock the batch row for the commit; False if it is already ``done``. Raises
-        LeaseLost when *lease* is older than the row's (a fenced zombie's late commit)."""
-        current = conn.execute(
-            "SELECT state, lease FROM stagerd_batches WHERE batch_id = %s FOR UPDATE",
-            (batch_id,),
-        ).fetchone()
-        if current is not None and current[0] == "done":
-            return False
-        _check_lease(batch_id, lease, current)
-        if current is None:  # ledger row lost (e.g. a truncated table): recreate it
-            conn.execute(
-                "INSERT INTO stagerd_batches (batch_id, s3_key, state, attempts, worker)"
-                " VALUES (%s, %s, 'processing', 1, %s)",
-                (batch_id, archive_key(batch_id), worker),
-            )
-        return True
 
     def record_failure(
         self,
@@ -351,7 +294,7 @@ class Ledger:
         row = self._run(
             "ledger read",
             lambda c: c.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM stagerd_batches WHERE batch_id = %s", (batch_id,)
+                f"SELECT {BATCH_COLUMNS} FROM stagerd_batches WHERE batch_id = %s", (batch_id,)
             ).fetchone(),
         )
         return BatchRow(*row) if row else None
@@ -396,10 +339,6 @@ class Ledger:
         return {state: int(n) for state, n in rows}
 
     def _run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        import psycopg
-
-        refused = _refused_errors()
-
         def attempt() -> T:
             with self._lock:
                 if self._conn is None or self._conn.closed:
@@ -410,15 +349,14 @@ class Ledger:
                     )
                 try:
                     return fn(self._conn)
-                except refused as exc:
-                    # The data, not the service: the same rows fail on every retry.
-                    raise ResultsRejected(
-                        f"PostgreSQL refused the data: {first_line(exc)}"
-                    ) from None
-                except psycopg.OperationalError as exc:
-                    # A broken connection stays broken: drop it so the retry reconnects.
-                    self._drop()
-                    raise ServiceUnavailable(f"PostgreSQL: {first_line(exc)}") from None
+                except Exception as exc:
+                    mapped = translate(exc)
+                    if mapped is None:
+                        raise
+                    if isinstance(mapped, ServiceUnavailable):
+                        # A broken connection stays broken: drop it so the retry reconnects.
+                        self._drop()
+                    raise mapped from None
 
         return self._guard.call(self._policy, attempt, what=what, service="PostgreSQL")
 
@@ -431,79 +369,6 @@ class Ledger:
                 conn.close()
             except (OSError, psycopg.Error) as exc:
                 log.debug("closing a broken PostgreSQL connection: %s", exc)
-
-
-def _copy_results(
-    conn: psycopg.Connection[Any], batch_id: str, results: Iterable[tuple[str, Any]]
-) -> tuple[int, int]:
-    """COPY *results* through a temporary table into stagerd_results: (sent, inserted).
-
-    The temporary table keeps ``ON CONFLICT DO NOTHING`` (a redelivered or repeated item
-    keeps its first row) while rows still travel by COPY, one at a time."""
-    from stagerd.results import RawJson
-
-    conn.execute(
-        "CREATE TEMPORARY TABLE IF NOT EXISTS stagerd_incoming"
-        " (n bigserial, item text NOT NULL, result jsonb NOT NULL) ON COMMIT DELETE ROWS"
-    )
-    sent = 0
-    with conn.cursor() as cur:
-        with cur.copy("COPY stagerd_incoming (item, result) FROM STDIN") as copy:
-            for item, result in results:
-                text = result.text if isinstance(result, RawJson) else json.dumps(result)
-                copy.write_row((item, text))
-                sent += 1
-        cur.execute(
-            "INSERT INTO stagerd_results (batch_id, item, result)"
-            " SELECT %s, item, result FROM stagerd_incoming ORDER BY n"
-            " ON CONFLICT (batch_id, item) DO NOTHING",
-            (batch_id,),
-        )
-        inserted = cur.rowcount
-    return sent, inserted
-
-
-def _refused_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the values sent, not by the service: SQLSTATE classes 22 (data),
-    23 (integrity) and 54 (program limit: an index row too large, nesting too deep; psycopg
-    files it under OperationalError, which would otherwise mean "retry")."""
-    import psycopg
-
-    return (
-        psycopg.DataError,
-        psycopg.IntegrityError,
-        psycopg.errors.ProgramLimitExceeded,
-        UnicodeEncodeError,  # a lone surrogate psycopg cannot encode
-    )
-
-
-def _check_lease(batch_id: str, lease: int | None, row: Any) -> None:
-    """Inside the commit transaction (row locked): refuse a token that is not the newest."""
-    if lease is None or row is None or row[1] is None or row[1] == lease:
-        return
-    raise LeaseLost(
-        f"batch {batch_id}: commit with lease {lease} refused, the ledger holds lease {row[1]}"
-    )
-
-
-def requeue_stale_batches(
-    database_url: str, dead_workers: Sequence[str], dead_lettered: Sequence[str] = ()
-) -> list[str]:
-    """Janitor: rows in staging/processing owned by a dead worker -> ``requeued``, or
-    ``dead`` for the batches that recovery moved to the dead-letter list (attempts used
-    up), so the ledger says what the queue did. Returns the batch ids marked requeued."""
-    if not dead_workers:
-        return []
-    with connect(database_url) as conn:
-        rows = conn.execute(
-            "UPDATE stagerd_batches SET updated_at = now(),"
-            " state = CASE WHEN batch_id = ANY(%(dead)s) THEN 'dead' ELSE 'requeued' END,"
-            " error = 'worker ' || worker || ' stopped heartbeating'"
-            " WHERE state IN ('staging', 'processing') AND worker = ANY(%(workers)s)"
-            " RETURNING batch_id, state",
-            {"dead": list(dead_lettered), "workers": list(dead_workers)},
-        ).fetchall()
-    return sorted(row[0] for row in rows if row[1] == "requeued")
 
 
 def recent_failures(database_url: str, limit: int = 10) -> list[dict[str, Any]]:

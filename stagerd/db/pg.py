@@ -1,32 +1,25 @@
 """PostgreSQL connections for the ledger: one policy for reconnecting with backoff.
 
-psycopg is imported lazily so ``stagerd --help`` stays fast.
+psycopg's errors are mapped in :mod:`stagerd.db.errors`. psycopg is imported lazily so
+``stagerd --help`` stays fast.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from stagerd.db.errors import first_line, is_db_transient
 from stagerd.errors import ConfigError, ServiceUnavailable
-from stagerd.retry import RetryPolicy, is_transient
+from stagerd.retry import Policies, RetryPolicy
 
 if TYPE_CHECKING:
     import psycopg
 
+__all__ = ["CLI_POLICY", "DB_POLICY", "connect", "first_line", "is_db_transient"]
 
-def is_db_transient(exc: BaseException) -> bool:
-    """Transient for the ledger: our own classification plus psycopg's connection errors."""
-    if is_transient(exc):
-        return True
-    import psycopg
-
-    return isinstance(exc, psycopg.OperationalError)
-
-
-# Long enough to ride out a PostgreSQL restart, bounded so a dead database ends the job.
-DB_POLICY = RetryPolicy(attempts=30, base=0.2, max_delay=5.0, total=120.0, classify=is_db_transient)
-# Interactive commands: a person is waiting; fail within seconds with the reason.
-CLI_POLICY = RetryPolicy(attempts=3, base=0.2, max_delay=1.0, total=10.0, classify=is_db_transient)
+# The defaults of :class:`~stagerd.retry.Policies`, for callers not (yet) handed theirs.
+DB_POLICY = Policies().postgres
+CLI_POLICY = Policies().interactive
 
 
 def connect(
@@ -52,8 +45,3 @@ def connect(
             ) from None
 
     return policy.call(attempt, what="connect to PostgreSQL")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -6,7 +6,9 @@ the plain loop: pop, stage, process, then pop the next. The stager is a single t
 batches reach the processor in the order they were popped (FIFO).
 
 Every batch a slot holds is an in-flight job of this worker (in its Redis processing list)
-with its own scratch reservation, so a SIGKILL at any moment loses nothing. On ``stop``
+with its own scratch reservation, so a SIGKILL at any moment loses nothing. What it holds
+here (in-flight count, the slot's token, lease, reservation) is its
+:class:`~stagerd.gpu.batch.Batch`'s, released when the last ``with batch:`` block ends. On ``stop``
 the stager stops popping, requeues the batch it is staging and every staged-and-waiting
 batch at once (their staging is cheap to redo), while the processor thread drains the
 batch in processing (the worker sets ``kill`` after ``--drain-timeout``).
@@ -18,6 +20,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
+from stagerd.gpu.batch import Batch, InFlight
 from stagerd.liveness import Progress, touch, track
 from stagerd.log import get_logger
 from stagerd.shutdown import LeftForRecovery
@@ -25,27 +28,13 @@ from stagerd.shutdown import LeftForRecovery
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from stagerd.gpu.pipeline import BatchSteps, Staged
+    from stagerd.gpu.batch import Staged
+    from stagerd.gpu.pipeline import BatchSteps
     from stagerd.processor.runner import Processor
 
+__all__ = ["InFlight", "Slot"]
+
 log = get_logger(__name__)
-
-
-class InFlight:
-    """How many batches this worker process holds, across slots (for --burst and waits)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self._count += n
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return self._count
 
 
 class Slot:
@@ -146,8 +135,8 @@ class Slot:
                 if not self._tokens.acquire(timeout=0.5):
                     continue
                 outcome = self._stage_one()
-                if outcome != "staged":
-                    self._tokens.release()
+                if outcome == "empty":
+                    self._tokens.release()  # no batch took it
                 if outcome == "empty" and self._burst and self._in_flight.count == 0:
                     break
         finally:
@@ -157,28 +146,28 @@ class Slot:
                 self._cond.notify_all()
 
     def _stage_one(self) -> str:
-        """Pop and stage one batch: "staged" (handed off, token kept), "ended" (the job
-        ended in staging: skipped, failed, requeued) or "empty" (nothing to pop)."""
+        """Pop and stage one batch: "staged" (handed off with the token), "ended" (the job
+        ended in staging: skipped, failed, requeued) or "empty" (nothing to pop, the token
+        still the caller's)."""
         delivery = self._steps.pop(self._stop)
         if delivery is None:
             return "empty"
-        self._in_flight.add(1)
-        staged = None
-        try:
+        steps = self._steps
+        batch = Batch(
+            delivery,
+            in_flight=self._in_flight,
+            leases=steps.leases,
+            requeue=steps.requeue,
+            token=self._tokens,
+        )
+        with batch:
             # Waiting for budget is safe while another batch of ours will free some.
-            staged = self._steps.stage(delivery, self._stop, lambda: self._in_flight.count > 1)
-        finally:
+            staged = steps.stage(batch, self._stop, lambda: self._in_flight.count > 1)
             if staged is None:
-                self._in_flight.add(-1)
-        if staged is None:
-            return "ended"
-        # Before the hand-off, so the processor's "processing" is never overwritten.
-        try:
-            self._steps.set_phase(delivery, "staged")
-        except BaseException:
-            staged.reservation.release()
-            self._in_flight.add(-1)
-            raise
+                return "ended"
+            # Before the hand-off, so the processor's "processing" is never overwritten.
+            steps.set_phase(delivery, "staged")
+            batch.pass_on()  # the processor thread's block (or _requeue_waiting) closes it
         with self._cond:
             self._ready.append(staged)
             self._cond.notify_all()
@@ -190,20 +179,16 @@ class Slot:
             waiting = list(self._ready)
             self._ready.clear()
         for staged in reversed(waiting):
-            try:
-                self._steps.requeue(staged.delivery, "worker shutting down (prefetched)")
-            except LeftForRecovery as exc:
-                log.warning(
-                    "prefetched batch %s not handed back (%s); it stays in the processing "
-                    "list for recovery",
-                    staged.job.batch_id,
-                    exc,
-                )
-            finally:
-                self._steps.leases.drop(staged.fence)
-                staged.reservation.release()
-                self._in_flight.add(-1)
-                self._tokens.release()
+            with staged.batch as batch:
+                try:
+                    batch.hand_back("worker shutting down (prefetched)")
+                except LeftForRecovery as exc:
+                    log.warning(
+                        "prefetched batch %s not handed back (%s); it stays in the processing "
+                        "list for recovery",
+                        staged.job.batch_id,
+                        exc,
+                    )
 
     # --- processor ------------------------------------------------------------
 
@@ -223,10 +208,7 @@ class Slot:
         processor = self._make_processor()
         try:
             while (staged := self._next()) is not None:
-                try:
+                with staged.batch:
                     self._steps.process(staged, processor, self._kill)
-                finally:
-                    self._in_flight.add(-1)
-                    self._tokens.release()
         finally:
             processor.close()

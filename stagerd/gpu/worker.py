@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stagerd.db.pg import is_db_transient
 from stagerd.errors import ConfigError, WorkerIdInUse
-from stagerd.gpu.pipeline import SERVICE_POLICY, BatchSteps, StepConfig
-from stagerd.gpu.prefetch import InFlight, Slot
+from stagerd.gpu.batch import InFlight
+from stagerd.gpu.pipeline import BatchSteps, StepConfig, is_service_transient
+from stagerd.gpu.prefetch import Slot
 from stagerd.log import get_logger
 from stagerd.queue.lease import LeaseBook
-from stagerd.retry import RetryPolicy
+from stagerd.retry import Policies, RetryPolicy
 from stagerd.scratch.locks import FileLock
 from stagerd.shutdown import LeftForRecovery, ShutdownGuard
 
@@ -38,11 +38,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 PROCESSOR_MODES = ("oneshot", "persistent")
-# A worker restarted during a PostgreSQL outage (results waiting on scratch) waits for it
-# rather than crash-looping into systemd's start limit; under TimeoutStartSec (5 min).
-STARTUP_DB_POLICY = RetryPolicy(
-    attempts=10_000, base=0.2, max_delay=5.0, total=240.0, classify=is_db_transient
-)
 
 
 @dataclass(frozen=True)
@@ -104,10 +99,14 @@ def _claim_identity(settings: Settings, worker_id: str) -> FileLock | None:
 
 def _run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> None:
     guard = ShutdownGuard(stop)
-    steps, queue = _connect(settings, options, guard, stop)
+    # Every retry policy of this process, built here once and passed down.
+    policies = Policies.from_settings(
+        settings, classify_redis=is_service_transient, s3=options.stage_policy
+    )
+    steps, queue = _connect(settings, options, policies, guard, stop)
     worker_id = queue.worker_id
     kill = threading.Event()
-    heartbeat = Heartbeat(queue, settings.database_url, stop, steps.leases)
+    heartbeat = Heartbeat(queue, settings.database_url, stop, steps.leases, policy=policies.redis)
     heartbeat.start()
     slots = _start_slots(steps, settings, options, stop, kill)
     log.info(
@@ -125,17 +124,17 @@ def _run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> N
     finally:
         heartbeat.stop()
         steps.ledger.close()
-        _deregister(queue, guard)
+        _deregister(queue, guard, policies.redis)
     errors = [exc for slot in slots for exc in slot.errors] + heartbeat.errors
     if errors:
         raise errors[0]
     log.info("worker %s stopped cleanly", worker_id, extra={"worker": worker_id})
 
 
-def _deregister(queue: ReliableQueue, guard: ShutdownGuard) -> None:
+def _deregister(queue: ReliableQueue, guard: ShutdownGuard, policy: RetryPolicy) -> None:
     """Drop our heartbeat, bounded: a stop must never wait on an unreachable Redis."""
     try:
-        guard.final(SERVICE_POLICY, queue.deregister, what="queue deregister", service="Redis")
+        guard.final(policy, queue.deregister, what="queue deregister", service="Redis")
     except LeftForRecovery as exc:
         log.warning(
             "stopping without deregistering: %s; jobs still in %s are taken back when this "
@@ -160,7 +159,11 @@ def _check(options: WorkerOptions) -> None:
 
 
 def _connect(
-    settings: Settings, options: WorkerOptions, guard: ShutdownGuard, stop: threading.Event
+    settings: Settings,
+    options: WorkerOptions,
+    policies: Policies,
+    guard: ShutdownGuard,
+    stop: threading.Event,
 ) -> tuple[BatchSteps, ReliableQueue]:
     """Every IO edge, connected: migrate, register in Redis, open scratch and S3.
 
@@ -177,26 +180,19 @@ def _connect(
     if not (options.processor or settings.processor):
         raise ConfigError("STAGERD_PROCESSOR: not set (or pass --processor CMD)")
     check_scratch_root(settings.scratch_dir)
-    migrate(database_url, policy=STARTUP_DB_POLICY)
+    migrate(database_url, policy=policies.postgres_startup)
     queue = ReliableQueue.from_settings(settings, options.worker_id)
-    taken = SERVICE_POLICY.call(queue.register, what="queue register")
+    taken = policies.redis.call(queue.register, what="queue register")
     if taken:
         log.info("took back %d job(s) of this worker's previous run", taken)
-    config = StepConfig(
-        worker_id=queue.worker_id,
-        bucket=s3.bucket,
-        keep_archive=options.keep_archive,
-        keep_failed=options.keep_failed,
-        process_timeout=settings.process_timeout,
-        reserve_timeout=options.reserve_timeout,
-        stage_policy=options.stage_policy,
-    )
+    config = _step_config(settings, options, policies, queue.worker_id, s3.bucket)
+    name = f"stagerd-{queue.worker_id}"
     client = get_s3_client(settings)
     steps = BatchSteps(
         settings,
         config,
         queue=queue,
-        ledger=Ledger(database_url, application_name=f"stagerd-{queue.worker_id}", guard=guard),
+        ledger=Ledger(database_url, policy=policies.postgres, application_name=name, guard=guard),
         scratch=ScratchManager.from_settings(settings),
         s3=client,
         metrics=Metrics(settings.metrics_file, "gpu"),
@@ -205,6 +201,20 @@ def _connect(
         stop=stop,
     )
     return steps, queue
+
+
+def _step_config(
+    settings: Settings, options: WorkerOptions, policies: Policies, worker_id: str, bucket: str
+) -> StepConfig:
+    return StepConfig(
+        worker_id=worker_id,
+        bucket=bucket,
+        keep_archive=options.keep_archive,
+        keep_failed=options.keep_failed,
+        process_timeout=settings.process_timeout,
+        reserve_timeout=options.reserve_timeout,
+        policies=policies,
+    )
 
 
 def worker_health(settings: Settings, queue: ReliableQueue, s3: Any, bucket: str) -> WorkerHealth:
@@ -309,8 +319,12 @@ class Heartbeat:
         database_url: str | None,
         stop: threading.Event,
         leases: LeaseBook | None = None,
+        *,
+        policy: RetryPolicy,
     ) -> None:
         self._queue = queue
+        # The worker's Redis policy, only to tell an outage (retried next beat) from a bug.
+        self._classify = policy.classify
         self._database_url = database_url
         self._stop = stop
         self._leases = leases or LeaseBook()
@@ -336,7 +350,7 @@ class Heartbeat:
                     self._recover()
             except Exception as exc:
                 # Redis/PostgreSQL outages are retried next beat; anything else is a bug.
-                if not SERVICE_POLICY.classify(exc):
+                if not self._classify(exc):
                     log.exception("heartbeat thread failed; stopping the worker")
                     self.errors.append(exc)
                     self._stop.set()

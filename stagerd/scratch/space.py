@@ -24,15 +24,22 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from stagerd.errors import ConfigError, ScratchBudgetExceeded, ScratchUnavailable
 from stagerd.ids import validate_batch_id
 from stagerd.log import get_logger
+from stagerd.scratch.admission import (
+    POLL_INTERVAL,
+    Statvfs,
+    StatvfsResult,
+    Waiter,
+    admission_shortfall,
+)
 from stagerd.scratch.dirs import STATE_DIR, BatchDirs, DirBusy
 from stagerd.scratch.locks import FileLock
 from stagerd.scratch.locks import is_locked as _is_locked
@@ -46,26 +53,20 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# How often a waiting request re-checks, and how often it repeats its log line.
-POLL_INTERVAL = 0.25
-LOG_INTERVAL = 30.0
+__all__ = [
+    "POLL_INTERVAL",
+    "Reservation",
+    "ReservationInfo",
+    "ScratchManager",
+    "ScratchStatus",
+    "Statvfs",
+    "StatvfsResult",
+    "admission_shortfall",
+]
+
 # The admission lock is held for milliseconds; a wait this long means its holder hangs
 # (a stopped janitor): give up with an error rather than hang the slot.
 ADMISSION_TIMEOUT = 300.0
-
-
-class StatvfsResult(Protocol):
-    """The part of ``os.statvfs_result`` admission reads (the seam tests fill in)."""
-
-    @property
-    def f_bavail(self) -> int: ...
-    @property
-    def f_frsize(self) -> int: ...
-    @property
-    def f_blocks(self) -> int: ...
-
-
-Statvfs = Callable[[str], StatvfsResult]
 
 
 @dataclass(frozen=True)
@@ -89,34 +90,6 @@ class ScratchStatus:
     used: int
     free: int
     reservations: list[ReservationInfo] = field(default_factory=list)
-
-
-def admission_shortfall(
-    request: int,
-    budget: int,
-    headroom: int,
-    free: int,
-    live: Sequence[tuple[int, int]],
-) -> str | None:
-    """Why *request* bytes cannot be admitted now, or None if they can.
-
-    *live* holds (reserved, written) per live reservation; *free* is what statvfs reports.
-    """
-    reserved = sum(n for n, _ in live)
-    unwritten = sum(max(0, n - w) for n, w in live)
-    if reserved + request > budget:
-        return (
-            f"budget: {format_size(budget - reserved)} of {format_size(budget)} unreserved "
-            f"({len(live)} live reservations)"
-        )
-    room = free - unwritten - headroom
-    if room < request:
-        return (
-            f"disk: {format_size(max(0, room))} usable ({format_size(free)} free, "
-            f"{format_size(unwritten)} promised to live reservations, "
-            f"{format_size(headroom)} headroom)"
-        )
-    return None
 
 
 class Reservation:
@@ -240,7 +213,7 @@ class ScratchManager:
         """
         self.batch_dir(batch_id)
         self._check_possible(nbytes, 0, batch_id)
-        waiter = _Waiter(f"reserve {format_size(nbytes)} for {batch_id}", timeout, stop)
+        waiter = Waiter(f"reserve {format_size(nbytes)} for {batch_id}", timeout, stop)
         while True:
             outcome = self._try_reserve(batch_id, nbytes)
             if isinstance(outcome, Reservation):
@@ -387,7 +360,7 @@ class ScratchManager:
     def _extend(self, reservation: Reservation, extra: int, timeout: float) -> None:
         batch_id = reservation.batch_id
         self._check_possible(extra, reservation.nbytes, batch_id)
-        waiter = _Waiter(f"extend {batch_id} by {format_size(extra)}", timeout, None)
+        waiter = Waiter(f"extend {batch_id} by {format_size(extra)}", timeout, None)
         while True:
             with self.admission_lock():
                 why = self._shortfall(extra, self._alive_records(reclaim=True))
@@ -401,30 +374,3 @@ class ScratchManager:
     def _forget(self, batch_id: str) -> None:
         with self.admission_lock():
             self.records.delete(batch_id)
-
-
-class _Waiter:
-    """Deadline, stop event and "what are we waiting for" logging of one waiting request."""
-
-    def __init__(self, what: str, timeout: float, stop: threading.Event | None) -> None:
-        self.what = what
-        self.timeout = timeout
-        self.stop = stop
-        self.started = time.monotonic()
-        self.logged_at: float | None = None
-
-    def wait(self, why: str, interval: float) -> None:
-        """Sleep one poll interval; raises ScratchUnavailable on timeout or stop."""
-        now = time.monotonic()
-        waited = now - self.started
-        if waited >= self.timeout:
-            raise ScratchUnavailable(f"cannot {self.what} (waited {waited:.1f}s): {why}")
-        if self.logged_at is None or now - self.logged_at >= LOG_INTERVAL:
-            log.info(f"waiting to {self.what}: {why}", extra={"waited": round(waited, 1)})
-            self.logged_at = now
-        pause = min(interval, self.timeout - waited)
-        if self.stop is not None:
-            if self.stop.wait(pause):
-                raise ScratchUnavailable(f"stopped while waiting to {self.what}: {why}")
-        else:
-            time.sleep(pause)

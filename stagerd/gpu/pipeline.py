@@ -32,7 +32,7 @@ from stagerd.liveness import current_progress
 from stagerd.log import get_logger
 from stagerd.queue import trail
 from stagerd.queue.lease import Fence
-from stagerd.retry import is_transient
+from stagerd.recovery import decide
 
 if TYPE_CHECKING:
     from stagerd.db.ledger import BatchRow
@@ -42,19 +42,9 @@ if TYPE_CHECKING:
     from stagerd.queue.redis_queue import Delivery
     from stagerd.scratch.space import Reservation
 
-__all__ = ["BatchSteps", "Staged", "StepConfig", "is_service_transient"]
+__all__ = ["BatchSteps", "Staged", "StepConfig"]
 
 log = get_logger(__name__)
-
-
-def is_service_transient(exc: BaseException) -> bool:
-    """Transient for calls to Redis/PostgreSQL: also redis-py's own connection errors."""
-    # The one place the pipeline knows redis-py: swapped for the queue edge's classifier.
-    if is_transient(exc):
-        return True
-    import redis
-
-    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 class BatchSteps(BatchEndings):
@@ -183,9 +173,11 @@ class BatchSteps(BatchEndings):
             return None
         died = self._previous_died(d)
         max_attempts = self.settings.max_attempts
-        if d.attempt > max_attempts:
-            # Only a worker that died mid-job leaves an attempt unfinished: stop the loop,
-            # saying where the previous attempts died when the trail knows.
+        # The attempts before this pickup all died with their worker (a failed attempt
+        # settles itself): the recovery rule, asked as orphan recovery would have asked it.
+        used = decide(max(d.attempt - 1, 0), max_attempts, permanent=False, owner_alive=False)
+        if used.action == "dead_letter":
+            # Stop the loop, saying where the previous attempts died when the trail knows.
             cause = died.describe() if died else "the previous attempt never finished"
             reason = f"{cause}; STAGERD_MAX_ATTEMPTS={max_attempts} attempts used up"
             log.error("batch %s dead: %s", d.batch_id, reason, extra=ctx(d))

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from stagerd.errors import ConfigError, WorkerIdInUse
 from stagerd.gpu.batch import InFlight
-from stagerd.gpu.pipeline import BatchSteps, StepConfig, is_service_transient
+from stagerd.gpu.pipeline import BatchSteps, StepConfig
 from stagerd.gpu.prefetch import Slot
 from stagerd.log import get_logger
+from stagerd.queue.errors import is_transient_redis
 from stagerd.queue.lease import LeaseBook
 from stagerd.retry import Policies, RetryPolicy
 from stagerd.scratch.locks import FileLock
@@ -101,7 +102,7 @@ def _run(settings: Settings, options: WorkerOptions, stop: threading.Event) -> N
     guard = ShutdownGuard(stop)
     # Every retry policy of this process, built here once and passed down.
     policies = Policies.from_settings(
-        settings, classify_redis=is_service_transient, s3=options.stage_policy
+        settings, classify_redis=is_transient_redis, s3=options.stage_policy
     )
     steps, queue = _connect(settings, options, policies, guard, stop)
     worker_id = queue.worker_id

@@ -21,9 +21,10 @@ import pytest
 from stagerd.db import ledger as db
 from stagerd.errors import ArchiveRejected, ResultsRejected, ServiceUnavailable
 from stagerd.gpu.batch import Batch, InFlight, Staged
-from stagerd.gpu.pipeline import BatchSteps, StepConfig, is_service_transient
+from stagerd.gpu.pipeline import BatchSteps, StepConfig
 from stagerd.job import Job
 from stagerd.processor.runner import Processor, make_processor
+from stagerd.queue.errors import is_transient_redis
 from stagerd.queue.keys import QueueKeys
 from stagerd.queue.lease import Fence, LeaseBook
 from stagerd.queue.redis_queue import Delivery, ReliableQueue
@@ -266,7 +267,7 @@ def _harness(
         worker_id=queue.worker_id,
         bucket=settings.require_s3().bucket,
         policies=Policies(
-            redis=RetryPolicy(attempts=3, base=0.01, max_delay=0.05, classify=is_service_transient),
+            redis=RetryPolicy(attempts=3, base=0.01, max_delay=0.05, classify=is_transient_redis),
             s3=FAST,
             **policies,
         ),

@@ -6,7 +6,6 @@ import pytest
 import redis
 
 from stagerd.errors import PermanentError, ServiceUnavailable
-from stagerd.gpu.pipeline import is_service_transient
 from stagerd.queue.errors import is_transient_redis
 
 CASES = [
@@ -26,9 +25,3 @@ CASES = [
 @pytest.mark.parametrize(("exc", "transient"), CASES)
 def test_classification(exc: BaseException, transient: bool) -> None:
     assert is_transient_redis(exc) is transient
-
-
-@pytest.mark.parametrize(("exc", "_"), CASES)
-def test_drop_in_for_the_pipelines_classifier(exc: BaseException, _: bool) -> None:
-    # The pipeline is to be wired to is_transient_redis: it must classify the same way.
-    assert is_transient_redis(exc) is is_service_transient(exc)

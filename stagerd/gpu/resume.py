@@ -4,9 +4,11 @@ After the processor succeeds the worker writes ``root/{batch_id}/processed.json`
 the results file, before it commits. If the commit cannot reach PostgreSQL the worker
 retries (``STAGERD_COMMIT_RETRY``) with the directory locked and the reservation held; if
 it exits first (retry budget spent, shutdown, crash) the directory stays on scratch and
-its job stays in the worker's processing list. The restarted worker with the same
-identity takes the job back, finds the marker (same batch, same archive digest, same
-worker id) and commits the results without running the processor again.
+its job stays in the worker's processing list. Whichever worker on this host next takes the
+job (the restarted worker with the same identity, or another one after recovery moved the
+dead worker's job back to the queue) finds the marker and commits the results without
+running the processor again, provided the marker is for this very archive (see
+:meth:`ProcessedMarker.matches`) and no live process holds the directory (its lock).
 """
 
 from __future__ import annotations
@@ -72,12 +74,18 @@ class ProcessedMarker:
             return None
 
     def matches(self, batch_id: str, worker: str, sha256: str | None) -> bool:
-        """Ours to commit: same batch, our identity, and the job names the same archive."""
-        return (
-            self.batch_id == batch_id
-            and self.worker == worker
-            and (sha256 is None or sha256 == self.sha256)
-        )
+        """Ours to commit: the same batch and the archive the job names.
+
+        Our own marker (same identity: a restart) is trusted when the job carries no digest
+        (the seed's minimal payload), as it always was. Another worker's marker (it died,
+        recovery gave us its job) is adopted only when the job's digest proves it is the
+        same archive: with no digest an id replaced meanwhile (``--force``) could not be
+        told apart, and re-running the processor is the safe side."""
+        if self.batch_id != batch_id:
+            return False
+        if sha256 is not None:
+            return sha256 == self.sha256
+        return self.worker == worker
 
 
 def _owner_rwx(batch_dir: Path) -> None:
@@ -112,7 +120,8 @@ def find_processed(
     scratch: ScratchManager, job: Job, worker: str, limits: ResultLimits
 ) -> tuple[Reservation, StageResult, ProcessOutcome] | None:
     """The batch's dir adopted (locked, counted) with its stage result and results, when a
-    previous run of *worker* processed this very archive and did not commit; else None."""
+    previous run on this host (of *worker*, or of a dead worker whose job recovery gave us)
+    processed this very archive and did not commit; else None."""
     from stagerd.gpu.stage import StageResult
     from stagerd.processor.runner import ProcessOutcome
     from stagerd.results import scan_results

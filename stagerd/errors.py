@@ -88,3 +88,13 @@ class BatchIdReused(PermanentError):
 
 class WorkerIdInUse(StagerdError):
     """Another live process on this host runs with the same worker id."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of *exc*'s message, or its type's name when the message is empty.
+
+    psycopg's errors carry libpq's multi-line detail and botocore's the server's body: one
+    line is what a report, a reason or a log line should hold. For ``Type: line``, redacted
+    and bounded, use :func:`stagerd.retry.brief` (built on this)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -16,6 +16,7 @@ from typing import Any
 
 from stagerd.errors import InvalidBatchId, InvalidJob
 from stagerd.ids import archive_key, validate_batch_id
+from stagerd.retry import brief
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KNOWN = ("batch_id", "s3_key", "file_count", "transferred_at", "size", "sha256")
@@ -73,7 +74,7 @@ class Job:
         try:
             data = json.loads(raw)
         except Exception as exc:  # RecursionError too: every decoder failure is the payload's
-            raise InvalidJob(f"payload is not JSON: {_first_line(exc)}") from exc
+            raise InvalidJob(f"payload is not JSON: {brief(exc, limit=200)}") from exc
         if not isinstance(data, dict):
             raise InvalidJob(f"payload must be a JSON object, got {type(data).__name__}")
         try:
@@ -81,7 +82,7 @@ class Job:
         except InvalidJob:
             raise
         except Exception as exc:  # a payload must never crash its consumer
-            raise InvalidJob(f"payload rejected: {_first_line(exc)}") from exc
+            raise InvalidJob(f"payload rejected: {brief(exc, limit=200)}") from exc
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -140,7 +141,7 @@ def loads_untrusted(raw: str | bytes) -> Any:
     except ValueError:
         raise
     except Exception as exc:  # RecursionError, MemoryError: still just "not JSON"
-        raise ValueError(_first_line(exc)) from exc
+        raise ValueError(brief(exc, limit=200)) from exc
 
 
 def json_depth(raw: str | bytes) -> int:
@@ -166,12 +167,6 @@ def json_depth(raw: str | bytes) -> int:
         elif byte in (0x5D, 0x7D):
             depth -= 1
     return deepest
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _optional_int(data: dict[str, Any], name: str) -> int | None:

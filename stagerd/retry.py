@@ -168,16 +168,18 @@ class RetryPolicy:
         return decorate
 
 
-def brief(exc: BaseException | None) -> str:
+def brief(exc: BaseException | None, limit: int = 300) -> str:
     """An exception as one line for reasons and logs: ``Type: first line``, secrets
-    redacted, at most 300 characters. The one helper for that; every module calls it."""
+    redacted, at most *limit* characters. The one helper for that (over
+    :func:`stagerd.errors.first_line`); every module calls it."""
+    from stagerd.errors import first_line
     from stagerd.log import redact
 
     if exc is None:
         return "?"
-    lines = str(exc).strip().splitlines()
-    text = redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
-    return text if len(text) <= 300 else text[:297] + "..."
+    name = type(exc).__name__
+    text = redact(f"{name}: {first_line(exc)}" if str(exc).strip() else name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- the policies of one process --------------------------------------------------------

@@ -15,7 +15,7 @@ psycopg is imported lazily so ``stagerd --help`` stays fast.
 
 from __future__ import annotations
 
-from stagerd.errors import ResultsRejected, ServiceUnavailable, StagerdError
+from stagerd.errors import ResultsRejected, ServiceUnavailable, StagerdError, first_line
 from stagerd.retry import is_transient
 
 
@@ -53,9 +53,3 @@ def translate(exc: BaseException) -> StagerdError | None:
     if isinstance(exc, psycopg.OperationalError):
         return ServiceUnavailable(f"PostgreSQL: {first_line(exc)}")
     return None
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of *exc*'s message (psycopg's carry libpq's multi-line detail)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

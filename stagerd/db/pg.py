@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stagerd.db.errors import first_line, is_db_transient
-from stagerd.errors import ConfigError, ServiceUnavailable
+from stagerd.db.errors import is_db_transient
+from stagerd.errors import ConfigError, ServiceUnavailable, first_line
 from stagerd.retry import Policies, RetryPolicy
 
 if TYPE_CHECKING:

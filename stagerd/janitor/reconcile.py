@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from stagerd.errors import ConfigError, InvalidBatchId, StagerdError
+from stagerd.errors import ConfigError, InvalidBatchId, StagerdError, first_line
 from stagerd.ids import digest_key, validate_batch_id
 from stagerd.job import Job, loads_untrusted
 from stagerd.log import get_logger
@@ -174,7 +174,7 @@ def run_reconcile(settings: Settings, options: ReconcileOptions) -> ReconcileRep
         where = redact_url(settings.redis_url)
         raise ServiceUnavailable(f"Redis at {where} unreachable: {exc}") from None
     except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ServiceUnavailable(f"ledger: {first} (did `stagerd db migrate` run?)") from None
     finally:
         client.close()

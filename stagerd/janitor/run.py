@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from stagerd.config.settings import redact_url
-from stagerd.errors import ConfigError, StagerdError
+from stagerd.errors import ConfigError, StagerdError, first_line
 from stagerd.log import get_logger
 from stagerd.queue.keys import QueueKeys
 from stagerd.scratch.locks import FileLock
@@ -356,7 +356,7 @@ def _ledger_part(
             settings.database_url, dead_workers, report.dead_lettered
         )
     except (psycopg.Error, OSError, StagerdError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         report.fail("ledger", f"postgres: {first}")
 
 
@@ -387,6 +387,6 @@ def _reconcile_part(
     except (BotoCoreError, ClientError) as exc:
         report.fail("reconcile", describe_client_error(exc, s3.bucket, s3.endpoint))
     except (redis_lib.RedisError, psycopg.Error, OSError, StagerdError) as exc:
-        report.fail("reconcile", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        report.fail("reconcile", first_line(exc))
     else:
         report.reenqueued = done.reenqueued

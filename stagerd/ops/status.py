@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 
+from stagerd.errors import first_line
 from stagerd.queue.keys import QueueKeys
 
 if TYPE_CHECKING:
@@ -46,13 +47,9 @@ def collect(settings: Settings, *, failures: int = 10) -> dict[str, Any]:
         try:
             out["recent_failures"] = failures_section(settings.database_url, failures)
         except (psycopg.Error, OSError, StagerdError) as exc:
-            errors.append(f"postgres: {type(exc).__name__}: {_first_line(exc)}")
+            errors.append(f"postgres: {type(exc).__name__}: {first_line(exc)}")
     out["errors"] = errors
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
 
 
 def queue_section(snapshot: QueueSnapshot) -> dict[str, Any]:

@@ -88,3 +88,21 @@ class BatchIdReused(PermanentError):
 
 class WorkerIdInUse(StagerdError):
     """Another live process on this host runs with the same worker id."""
+
+
+class ObjectNotFound(PermanentError):
+    """The object store has no such key (HTTP 404 on an object): retrying cannot make it."""
+
+
+class BucketNotFound(PermanentError):
+    """The object store has no such bucket (NoSuchBucket)."""
+
+
+class NoSuchUpload(PermanentError):
+    """The multipart upload id is unknown: it was completed or aborted (by this run or a
+    concurrent one), so a caller must look at the object to know which."""
+
+
+class ObjectChanged(TransientError):
+    """A read pinned to an ETag (If-Match) failed with 412: the object was replaced. Transient:
+    a new attempt starts from a fresh HEAD and reads the new object whole."""

@@ -103,6 +103,9 @@ class NoSuchUpload(PermanentError):
     concurrent one), so a caller must look at the object to know which."""
 
 
-class ObjectChanged(TransientError):
-    """A read pinned to an ETag (If-Match) failed with 412: the object was replaced. Transient:
-    a new attempt starts from a fresh HEAD and reads the new object whole."""
+class ObjectChanged(PermanentError):
+    """A read pinned to an ETag (If-Match) failed with 412: the object was replaced.
+
+    Permanent for the request (the same pinned read fails again, so no retry policy repeats
+    it); a caller that can start over from a fresh HEAD makes it transient for its job, as
+    staging does (:func:`stagerd.s3.fetch.map_s3_error`)."""

@@ -9,8 +9,8 @@ the endpoint and the server's own code and message (never a credential):
 - :class:`~stagerd.errors.ObjectNotFound` (permanent): the key does not exist (HTTP 404);
   :class:`~stagerd.errors.BucketNotFound` (permanent): NoSuchBucket;
   :class:`~stagerd.errors.NoSuchUpload` (permanent): the multipart upload id is unknown.
-- :class:`~stagerd.errors.ObjectChanged` (transient): an ``If-Match`` read found a new
-  version (HTTP 412).
+- :class:`~stagerd.errors.ObjectChanged` (permanent for the request): an ``If-Match``
+  read found a new version (HTTP 412); staging retries the job from a fresh HEAD.
 - :class:`~stagerd.errors.TransientError`: 5xx, throttling, a body damaged in flight, a
   refused/reset/timed-out connection. Retrying can help.
 - :class:`~stagerd.errors.PermanentError`: everything else the server refuses, including

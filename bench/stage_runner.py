@@ -18,14 +18,14 @@ def main(argv: list[str]) -> None:
     from stagerd.config.settings import Settings
     from stagerd.gpu.stage import head_archive, stage_batch
     from stagerd.job import Job
-    from stagerd.s3.client import get_s3_client
+    from stagerd.s3.boto import BotoStore
     from stagerd.scratch.space import ScratchManager
 
     batch_id, sha256 = argv[0], argv[1]
     keep = "--keep-archive" in argv
     settings = Settings.from_env()
     bucket = settings.require_s3().bucket
-    client = get_s3_client(settings)
+    client = BotoStore.from_settings(settings)
     job = Job.new(batch_id, sha256=sha256)
     head = head_archive(client, bucket, job.s3_key)
     job = Job.new(batch_id, size=head.size, sha256=sha256)

@@ -90,6 +90,27 @@ class WorkerIdInUse(StagerdError):
     """Another live process on this host runs with the same worker id."""
 
 
+class ObjectNotFound(PermanentError):
+    """The object store has no such key (HTTP 404 on an object): retrying cannot make it."""
+
+
+class BucketNotFound(PermanentError):
+    """The object store has no such bucket (NoSuchBucket)."""
+
+
+class NoSuchUpload(PermanentError):
+    """The multipart upload id is unknown: it was completed or aborted (by this run or a
+    concurrent one), so a caller must look at the object to know which."""
+
+
+class ObjectChanged(PermanentError):
+    """A read pinned to an ETag (If-Match) failed with 412: the object was replaced.
+
+    Permanent for the request (the same pinned read fails again, so no retry policy repeats
+    it); a caller that can start over from a fresh HEAD makes it transient for its job, as
+    staging does (:func:`stagerd.s3.fetch.map_s3_error`)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of *exc*'s message, or its type's name when the message is empty.
 

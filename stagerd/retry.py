@@ -27,72 +27,22 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger("stagerd.retry")
 
-# S3 error codes worth another try; everything else from S3 (403, NoSuchBucket, ...) is final.
-TRANSIENT_S3_CODES = frozenset(
-    {
-        "500",
-        "502",
-        "503",
-        "504",
-        "InternalError",
-        "ServiceUnavailable",
-        "SlowDown",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequests",
-        "429",
-        "BadDigest",  # a body damaged in flight: resending the same bytes can succeed
-        "IncompleteBody",
-        "XAmzContentSHA256Mismatch",
-    }
-)
 TRANSIENT_ERRNOS = frozenset(
     {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT}
 )
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the operation that raised *exc* can help."""
+    """Whether retrying the operation that raised *exc* can help.
+
+    Knows stagerd's own classes and OS/socket errors only: each IO edge maps its library's
+    errors onto TransientError/PermanentError (S3: :mod:`stagerd.s3.boto`)."""
     if isinstance(exc, TransientError):
         return True
     if isinstance(exc, PermanentError):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
         return True
-    try:
-        from botocore.exceptions import (
-            ClientError,
-            ConnectionClosedError,
-            EndpointConnectionError,
-            IncompleteReadError,
-            ReadTimeoutError,
-            ResponseStreamingError,
-        )
-        from botocore.exceptions import (
-            ConnectTimeoutError as BotoConnectTimeout,
-        )
-        from urllib3.exceptions import HTTPError as Urllib3HTTPError
-    except ImportError:  # pragma: no cover - boto3 is a hard dependency
-        return False
-    if isinstance(
-        exc,
-        (
-            EndpointConnectionError,
-            ConnectionClosedError,
-            ReadTimeoutError,
-            BotoConnectTimeout,
-            IncompleteReadError,
-            ResponseStreamingError,
-            Urllib3HTTPError,
-        ),
-    ):
-        return True
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        return err.get("Code") in TRANSIENT_S3_CODES or status in TRANSIENT_S3_CODES
     return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
 

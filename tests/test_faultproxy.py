@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from stagerd.config.settings import S3Settings
-from stagerd.retry import RetryPolicy, is_transient
+from stagerd.retry import RetryPolicy
+from stagerd.s3.boto import is_transient  # raw botocore errors are the S3 edge's to classify
 from stagerd.s3.client import get_s3_client
 from tests.conftest import S3Server, make_s3_client
 from tests.faultproxy import FAULT_KINDS, FaultProxy, Head
@@ -220,7 +221,7 @@ def test_stagerd_client_with_retry_policy_survives_20_percent_faults(
         connect_timeout=2.0,
     )
     client = get_s3_client(settings)
-    policy = RetryPolicy(attempts=12, base=0.01, max_delay=0.2, total=120)
+    policy = RetryPolicy(attempts=12, base=0.01, max_delay=0.2, total=120, classify=is_transient)
     proxy.configure(rate=0.2, stall_seconds=3.0)
     attempts = 0
 

@@ -7,9 +7,10 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from stagerd.errors import ArchiveRejected, TransientError
-from stagerd.retry import RetryPolicy, is_transient
+from stagerd.retry import RetryPolicy
+from stagerd.s3.boto import is_transient  # raw botocore errors are the S3 edge's to classify
 
-FAST = RetryPolicy(attempts=4, base=0.001, max_delay=0.002, total=10.0)
+FAST = RetryPolicy(attempts=4, base=0.001, max_delay=0.002, total=10.0, classify=is_transient)
 
 
 def _client_error(code: str, status: int) -> ClientError:

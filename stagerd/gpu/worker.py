@@ -173,7 +173,7 @@ def _connect(
     from stagerd.gpu.health import check_scratch_root
     from stagerd.metrics import Metrics
     from stagerd.queue.redis_queue import ReliableQueue
-    from stagerd.s3.client import get_s3_client
+    from stagerd.s3.boto import BotoStore
     from stagerd.scratch.space import ScratchManager
 
     s3 = settings.require_s3()
@@ -188,7 +188,7 @@ def _connect(
         log.info("took back %d job(s) of this worker's previous run", taken)
     config = _step_config(settings, options, policies, queue.worker_id, s3.bucket)
     name = f"stagerd-{queue.worker_id}"
-    client = get_s3_client(settings)
+    client = BotoStore.from_settings(settings)
     steps = BatchSteps(
         settings,
         config,
@@ -235,7 +235,7 @@ def worker_health(settings: Settings, queue: ReliableQueue, s3: Any, bucket: str
             ("scratch", lambda: check_scratch_root(settings.scratch_dir)),
             ("Redis", queue.client.ping),
             ("PostgreSQL", postgres),
-            ("S3", lambda: s3.head_bucket(Bucket=bucket)),
+            ("S3", lambda: s3.head_bucket(bucket)),
         )
     )
 

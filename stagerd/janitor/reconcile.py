@@ -32,9 +32,9 @@ from stagerd.queue.keys import QueueKeys
 
 if TYPE_CHECKING:
     import redis
-    from mypy_boto3_s3 import S3Client
 
     from stagerd.config.settings import Settings
+    from stagerd.s3.store import ObjectStore
 
 log = get_logger(__name__)
 ARCHIVE_PREFIX = "archives/"
@@ -102,7 +102,7 @@ def reconcile(
     settings: Settings,
     options: ReconcileOptions,
     *,
-    s3: S3Client,
+    s3: ObjectStore,
     client: redis.Redis,
     clock: Callable[[], float] = time.time,
 ) -> ReconcileReport:
@@ -157,19 +157,18 @@ def run_reconcile(settings: Settings, options: ReconcileOptions) -> ReconcileRep
     """Connect and run one pass; every service failure becomes one ServiceUnavailable."""
     import psycopg
     import redis as redis_lib
-    from botocore.exceptions import BotoCoreError, ClientError
 
     from stagerd.config.settings import redact_url
-    from stagerd.errors import ServiceUnavailable
+    from stagerd.errors import PermanentError, ServiceUnavailable, TransientError
     from stagerd.queue.redis_queue import connect
-    from stagerd.s3.client import describe_client_error, get_s3_client
+    from stagerd.s3.boto import BotoStore
 
     s3 = settings.require_s3()
     client = connect(settings.redis_url, retries=1)
     try:
-        return reconcile(settings, options, s3=get_s3_client(s3), client=client)
-    except (BotoCoreError, ClientError) as exc:
-        raise ServiceUnavailable(describe_client_error(exc, s3.bucket, s3.endpoint)) from None
+        return reconcile(settings, options, s3=BotoStore.from_settings(s3), client=client)
+    except (TransientError, PermanentError) as exc:  # the store's, already one line
+        raise ServiceUnavailable(str(exc)) from None
     except (redis_lib.RedisError, OSError) as exc:
         where = redact_url(settings.redis_url)
         raise ServiceUnavailable(f"Redis at {where} unreachable: {exc}") from None
@@ -180,21 +179,20 @@ def run_reconcile(settings: Settings, options: ReconcileOptions) -> ReconcileRep
         client.close()
 
 
-def list_archives(s3: S3Client, bucket: str) -> list[Archive]:
+def list_archives(s3: ObjectStore, bucket: str) -> list[Archive]:
     """Every ``archives/{id}.tar`` with a valid batch id (other keys are not ours)."""
     found = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=ARCHIVE_PREFIX):
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(ARCHIVE_PREFIX) :]
-            if not name.endswith(".tar") or "/" in name:
-                continue
-            try:
-                batch_id = validate_batch_id(name[: -len(".tar")])
-            except InvalidBatchId:
-                continue
-            modified = obj["LastModified"]
-            stamp = modified.timestamp() if isinstance(modified, datetime) else 0.0
-            found.append(Archive(batch_id, int(obj["Size"]), stamp))
+    for obj in s3.list_objects(bucket, ARCHIVE_PREFIX):
+        name = obj.key[len(ARCHIVE_PREFIX) :]
+        if not name.endswith(".tar") or "/" in name:
+            continue
+        try:
+            batch_id = validate_batch_id(name[: -len(".tar")])
+        except InvalidBatchId:
+            continue
+        modified = obj.last_modified
+        stamp = modified.timestamp() if isinstance(modified, datetime) else 0.0
+        found.append(Archive(batch_id, obj.size, stamp))
     return found
 
 
@@ -241,17 +239,14 @@ def _ledger_states(database_url: str, batch_ids: list[str]) -> dict[str, str]:
     return {row[0]: row[1] for row in rows}
 
 
-def _digest_record(s3: S3Client, bucket: str, archive: Archive) -> dict[str, Any]:
+def _digest_record(s3: ObjectStore, bucket: str, archive: Archive) -> dict[str, Any]:
     """The digest record if present and about this very object (same size), else {}."""
-    from botocore.exceptions import ClientError
+    from stagerd.errors import ObjectNotFound
 
     try:
-        body = s3.get_object(Bucket=bucket, Key=digest_key(archive.batch_id))["Body"].read()
-        data = json.loads(body)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-            return {}
-        raise
+        data = json.loads(s3.get(bucket, digest_key(archive.batch_id)))
+    except ObjectNotFound:
+        return {}
     except ValueError:
         return {}
     if not isinstance(data, dict) or data.get("size") != archive.size:

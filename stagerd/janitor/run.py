@@ -40,9 +40,9 @@ from stagerd.scratch.sweep import check_scratch_root, sweep_scratch
 
 if TYPE_CHECKING:
     import redis
-    from mypy_boto3_s3 import S3Client
 
     from stagerd.config.settings import Settings
+    from stagerd.s3.store import ObjectStore
 
 log = get_logger(__name__)
 
@@ -277,28 +277,22 @@ def stale_uploads(
 
 
 def abort_stale_uploads(
-    client: S3Client, bucket: str, *, max_age: float, now: float, dry_run: bool = False
+    store: ObjectStore, bucket: str, *, max_age: float, now: float, dry_run: bool = False
 ) -> list[str]:
     """Abort incomplete multipart uploads under ``archives/`` older than *max_age* seconds;
-    the keys aborted (or, dry, that would be). Raises botocore errors."""
-    from botocore.exceptions import ClientError
-
+    the keys aborted (or, dry, that would be). Raises the store's errors (an upload gone
+    meanwhile is not one: abort is idempotent)."""
     aborted = []
-    paginator = client.get_paginator("list_multipart_uploads")
-    for page in paginator.paginate(Bucket=bucket, Prefix=ARCHIVE_PREFIX):
-        uploads: list[dict[str, Any]] = [dict(u) for u in page.get("Uploads", [])]
-        for upload in stale_uploads(uploads, now, max_age):
-            key = upload["Key"]
-            if not dry_run:
-                try:
-                    client.abort_multipart_upload(
-                        Bucket=bucket, Key=key, UploadId=upload["UploadId"]
-                    )
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
-                        raise
-                log.info("aborted stale multipart upload", extra={"key": key})
-            aborted.append(key)
+    listed = [
+        {"Key": u.key, "UploadId": u.upload_id, "Initiated": u.initiated}
+        for u in store.list_uploads(bucket, ARCHIVE_PREFIX)
+    ]
+    for upload in stale_uploads(listed, now, max_age):
+        key = upload["Key"]
+        if not dry_run:
+            store.abort_multipart(bucket, key, upload["UploadId"])
+            log.info("aborted stale multipart upload", extra={"key": key})
+        aborted.append(key)
     return aborted
 
 
@@ -313,21 +307,18 @@ def _uploads_part(
     except ConfigError as exc:
         report.skip("uploads", str(exc))
         return
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from stagerd.s3.client import describe_client_error, get_s3_client
+    from stagerd.s3.boto import BotoStore
 
     try:
-        client = get_s3_client(s3)
         report.aborted_uploads = abort_stale_uploads(
-            client,
+            BotoStore.from_settings(s3),
             s3.bucket,
             max_age=options.upload_max_age,
             now=clock(),
             dry_run=options.dry_run,
         )
-    except (BotoCoreError, ClientError) as exc:
-        report.fail("uploads", describe_client_error(exc, s3.bucket, s3.endpoint))
+    except StagerdError as exc:  # the store's errors, already one line
+        report.fail("uploads", str(exc))
 
 
 def _ledger_part(
@@ -373,19 +364,17 @@ def _reconcile_part(
         return
     import psycopg
     import redis as redis_lib
-    from botocore.exceptions import BotoCoreError, ClientError
 
     from stagerd.janitor.reconcile import LedgerNotMigrated, ReconcileOptions, reconcile
-    from stagerd.s3.client import describe_client_error, get_s3_client
+    from stagerd.s3.boto import BotoStore
 
     try:
+        store = BotoStore.from_settings(s3)
         done = reconcile(
-            settings, ReconcileOptions(dry_run=options.dry_run), s3=get_s3_client(s3), client=client
+            settings, ReconcileOptions(dry_run=options.dry_run), s3=store, client=client
         )
     except LedgerNotMigrated as exc:
         report.skip("reconcile", str(exc))
-    except (BotoCoreError, ClientError) as exc:
-        report.fail("reconcile", describe_client_error(exc, s3.bucket, s3.endpoint))
     except (redis_lib.RedisError, psycopg.Error, OSError, StagerdError) as exc:
         report.fail("reconcile", first_line(exc))
     else:

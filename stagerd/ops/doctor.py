@@ -8,6 +8,7 @@ buckets only.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stagerd.config.settings import Settings, redact_url
-from stagerd.errors import ConfigError
+from stagerd.errors import ConfigError, StagerdError
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    from stagerd.s3.store import ObjectStore
 
 ROLES = ("gpu", "transfer", "janitor")
 
@@ -78,93 +79,74 @@ def check_config(settings: Settings, role: str) -> Check:
 def check_s3(settings: Settings) -> list[Check]:
     """Endpoint reachable, credentials accepted, bucket present, multipart round trip, and
     which checksum mode the server accepts."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from stagerd.s3.client import describe_client_error, get_s3_client
+    from stagerd.s3.boto import BotoStore
 
     s3 = settings.require_s3()
-    client = get_s3_client(settings.replace(s3_max_attempts=2))
+    store = BotoStore.from_settings(settings.replace(s3_max_attempts=2))
     try:
-        client.head_bucket(Bucket=s3.bucket)
-    except (ClientError, BotoCoreError) as exc:
+        store.head_bucket(s3.bucket)
+    except StagerdError as exc:
         return [
             Check(
                 "s3.bucket",
                 False,
-                describe_client_error(exc, s3.bucket, s3.endpoint),
+                str(exc),
                 "check S3_ENDPOINT, the keys, and that the bucket exists",
             )
         ]
     checks = [Check("s3.bucket", True, f"bucket {s3.bucket!r} reachable at {s3.endpoint}")]
-    checks.append(_multipart_round_trip(client, s3.bucket, s3.endpoint))
-    checks.append(_part_limit(client, s3.bucket, s3.endpoint, settings.max_parts))
+    checks.append(_multipart_round_trip(store, s3.bucket))
+    checks.append(_part_limit(store, s3.bucket, settings.max_parts))
     checks.append(_checksum_mode(settings, s3.bucket))
     return checks
 
 
-def _part_limit(client: S3Client, bucket: str, endpoint: str, max_parts: int) -> Check:
+def _part_limit(store: ObjectStore, bucket: str, max_parts: int) -> Check:
     """Does the server take part number STAGERD_MAX_PARTS? (Swift allows 1000 by default,
     S3 10000; a refusal mid-upload wastes the parts before it.) A tiny part is enough:
     part sizes are only checked at Complete, which the probe never sends."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from stagerd.s3.client import describe_client_error
-    from stagerd.s3.hints import part_limit, server_message
+    from stagerd.s3.hints import part_limit
 
     key = f"stagerd-doctor/{uuid.uuid4().hex}"
     upload_id = None
     try:
-        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-        client.upload_part(
-            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=max_parts, Body=b"x"
-        )
-    except (ClientError, BotoCoreError) as exc:
-        limit = part_limit(server_message(exc)[2])
+        upload_id = store.create_multipart(bucket, key)
+        store.upload_part(bucket, key, upload_id, max_parts, io.BytesIO(b"x"), 1)
+    except StagerdError as exc:
+        limit = part_limit(str(exc))  # the error quotes the server's own words
         fix = f"set STAGERD_MAX_PARTS={limit}" if limit else "lower STAGERD_MAX_PARTS"
-        return Check(
-            "s3.parts",
-            False,
-            f"part number {max_parts} refused: {describe_client_error(exc, bucket, endpoint)}",
-            fix,
-        )
+        return Check("s3.parts", False, f"part number {max_parts} refused: {exc}", fix)
     finally:
         if upload_id:
-            with contextlib.suppress(ClientError, BotoCoreError):
-                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            with contextlib.suppress(StagerdError):
+                store.abort_multipart(bucket, key, upload_id)
     return Check("s3.parts", True, f"part number {max_parts} accepted (STAGERD_MAX_PARTS)")
 
 
-def _multipart_round_trip(client: S3Client, bucket: str, endpoint: str) -> Check:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from stagerd.s3.client import describe_client_error
-
+def _multipart_round_trip(store: ObjectStore, bucket: str) -> Check:
     # Outside archives/ so neither workers nor the janitor ever see it.
     key = f"stagerd-doctor/{uuid.uuid4().hex}"
     body = b"stagerd doctor multipart probe\n"
     upload_id = None
     try:
-        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-        part = client.upload_part(
-            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=body
-        )
-        client.complete_multipart_upload(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
-        )
+        upload_id = store.create_multipart(bucket, key)
+        etag = store.upload_part(bucket, key, upload_id, 1, io.BytesIO(body), len(body))
+        store.complete_multipart(bucket, key, upload_id, [etag])
         upload_id = None
-        got = client.get_object(Bucket=bucket, Key=key, Range="bytes=0-5")["Body"].read()
-        client.delete_object(Bucket=bucket, Key=key)
-    except (ClientError, BotoCoreError) as exc:
+        ranged = store.get_range(bucket, key, 0, 5)
+        try:
+            got = ranged.read()
+        finally:
+            ranged.close()
+        store.delete(bucket, key)
+    except StagerdError as exc:
         if upload_id:
-            with contextlib.suppress(ClientError, BotoCoreError):
-                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            with contextlib.suppress(StagerdError):
+                store.abort_multipart(bucket, key, upload_id)
         return Check(
             "s3.multipart",
             False,
-            describe_client_error(exc, bucket, endpoint),
+            str(exc),
             "the credentials need PutObject/GetObject/DeleteObject and multipart permissions",
         )
     if got != body[:6]:
@@ -175,17 +157,17 @@ def _multipart_round_trip(client: S3Client, bucket: str, endpoint: str) -> Check
 def _checksum_mode(settings: Settings, bucket: str) -> Check:
     """Whether the server accepts boto3's default request checksums (newer servers) or
     only works with ``when_required`` (older Swift s3api)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from stagerd.s3.boto import BotoStore
 
-    from stagerd.s3.client import get_s3_client
-
-    probe = get_s3_client(settings.replace(s3_checksum="when_supported", s3_max_attempts=1))
+    probe = BotoStore.from_settings(
+        settings.replace(s3_checksum="when_supported", s3_max_attempts=1)
+    )
     key = f"stagerd-doctor/{uuid.uuid4().hex}"
     try:
-        probe.put_object(Bucket=bucket, Key=key, Body=b"checksum probe")
-        probe.delete_object(Bucket=bucket, Key=key)
+        probe.put(bucket, key, b"checksum probe")
+        probe.delete(bucket, key)
         accepted = "when_supported and when_required"
-    except (ClientError, BotoCoreError):
+    except StagerdError:
         accepted = "when_required only"
         if settings.s3_checksum == "when_supported":
             return Check(

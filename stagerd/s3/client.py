@@ -51,24 +51,3 @@ def get_s3_client(settings: Settings | S3Settings | None = None) -> S3Client:
         config=config,
     )
     return client
-
-
-def describe_client_error(exc: BaseException, bucket: str, endpoint: str) -> str:
-    """A one-line message for a botocore error naming bucket and endpoint, never a key."""
-    from botocore.exceptions import ClientError
-
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = err.get("Code", "?")
-        op = exc.operation_name
-        if code in {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-            return (
-                f"S3 {op} on bucket {bucket!r} at {endpoint}: access denied ({code}); "
-                "check S3_ACCESS_KEY/S3_SECRET_KEY"
-            )
-        if code in {"NoSuchBucket"}:
-            return f"S3 bucket {bucket!r} does not exist at {endpoint}"
-        from stagerd.s3.hints import explain
-
-        return f"S3 {op} on bucket {bucket!r} at {endpoint} failed: {explain(exc)}"
-    return f"S3 endpoint {endpoint} unreachable: {type(exc).__name__}: {exc}"

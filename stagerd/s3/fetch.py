@@ -11,7 +11,8 @@ The contract of this module:
   them (hashlib releases the GIL on big buffers), so network, hashing and the consumer's
   disk writes overlap. The consumer pulls zero-copy ``memoryview`` slices.
 * Errors leave as stagerd errors: missing object -> ArchiveRejected (permanent), network
-  or 5xx after retries -> TransientError, anything else from S3 -> PermanentError.
+  or 5xx after retries -> TransientError, anything else from S3 (403 included) ->
+  PermanentError, as the store (:mod:`stagerd.s3.store`) classified it.
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-from stagerd.errors import ArchiveRejected, PermanentError, StagerdError, TransientError
+from stagerd.errors import (
+    ArchiveRejected,
+    BucketNotFound,
+    ObjectChanged,
+    ObjectNotFound,
+    PermanentError,
+    StagerdError,
+    TransientError,
+)
 from stagerd.log import get_logger
-from stagerd.retry import RetryPolicy, is_transient
+from stagerd.retry import RetryPolicy, brief
+from stagerd.s3.store import Body, ObjectStore
 from stagerd.streams import CHUNK, write_all
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
 
 log = get_logger(__name__)
 
@@ -56,66 +63,37 @@ class ArchiveHead:
     etag: str
 
 
-class Body(Protocol):
-    """The readable part of a GET response (botocore's StreamingBody fits)."""
-
-    def read(self, amt: int | None = ..., /) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
 # opener(start, end) -> body of bytes [start, end] (inclusive, like an HTTP Range).
 RangeOpener = Callable[[int, int], Body]
 
 
-def head_object(client: S3Client, bucket: str, key: str) -> ArchiveHead:
-    """HEAD the object. Raises botocore's errors unmapped (see :func:`map_s3_error`)."""
-    resp = client.head_object(Bucket=bucket, Key=key)
-    return ArchiveHead(size=int(resp["ContentLength"]), etag=str(resp["ETag"]))
+def head_object(store: ObjectStore, bucket: str, key: str) -> ArchiveHead:
+    """HEAD the object. Raises the store's errors (see :func:`map_s3_error`)."""
+    head = store.head(bucket, key)
+    return ArchiveHead(size=head.size, etag=head.etag)
 
 
-def s3_range_opener(client: S3Client, bucket: str, key: str, etag: str) -> RangeOpener:
+def s3_range_opener(store: ObjectStore, bucket: str, key: str, etag: str) -> RangeOpener:
     """A :data:`RangeOpener` doing ``GET Range: bytes=start-end`` with ``If-Match: etag``."""
 
     def open_range(start: int, end: int) -> Body:
-        resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end}", IfMatch=etag)
-        body: Body = resp["Body"]
-        return body
+        return store.get_range(bucket, key, start, end, if_match=etag)
 
     return open_range
 
 
 def map_s3_error(exc: BaseException, bucket: str, key: str) -> StagerdError:
-    """Translate an exception from an S3 call into the stagerd error tree (never a secret)."""
+    """An error of staging *key* in the words of staging: a store error (already classified
+    by the store) or a local/network error around it (never a secret)."""
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, (ObjectNotFound, BucketNotFound)):
+        return ArchiveRejected(f"archive {where} does not exist")
+    if isinstance(exc, ObjectChanged):
+        return TransientError(f"archive {where} changed while staging (ETag no longer matches)")
     if isinstance(exc, StagerdError):
         return exc
-    where = f"s3://{bucket}/{key}"
-    code, status = _client_error_code(exc)
-    if code in {"NoSuchKey", "404", "NotFound"} or status == "404":
-        return ArchiveRejected(f"archive {where} does not exist")
-    if code == "PreconditionFailed" or status == "412":
-        return TransientError(f"archive {where} changed while staging (ETag no longer matches)")
-    if code in {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-        # A credentials problem hits every batch alike: transient, so jobs are not burnt.
-        return TransientError(f"S3 access to {where} denied ({code}); check S3_ACCESS_KEY")
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-    if code is None and is_transient(exc):
-        return TransientError(f"reading {where} failed: {text}")
-    if code is not None:
-        from stagerd.s3.hints import explain
-
-        error = TransientError if is_transient(exc) else PermanentError
-        return error(f"reading {where} failed: {explain(exc)}")
-    return TransientError(f"reading {where} failed: {text}")
-
-
-def _client_error_code(exc: BaseException) -> tuple[str | None, str | None]:
-    response: Any = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None, None
-    code = response.get("Error", {}).get("Code")
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return (str(code) if code is not None else None), (str(status) if status else None)
+    # A reset or timeout while reading, or anything unforeseen: worth another attempt.
+    return TransientError(f"reading {where} failed: {brief(exc)}")
 
 
 class RangedStream:
@@ -219,9 +197,6 @@ class RangedStream:
             return item
 
     def _produce(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-        from urllib3.exceptions import HTTPError
-
         try:
             while self._offset < self.size:
                 end = min(self._offset + self._range_size, self.size) - 1
@@ -235,7 +210,7 @@ class RangedStream:
             # EOF must never be faked here: a consumer still waiting gets the real reason.
             if self._stopping():
                 self._put(StageInterrupted("staging stopped by shutdown"))
-        except (StagerdError, OSError, ClientError, BotoCoreError, HTTPError) as exc:
+        except (StagerdError, OSError) as exc:
             self._put(self._describe(exc))  # the consumer thread raises it
 
     def _pump(self, end: int) -> None:

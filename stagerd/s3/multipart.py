@@ -24,14 +24,16 @@ Contract of :func:`upload_file`:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from stagerd.errors import BatchIdReused, PermanentError
+from stagerd.errors import BatchIdReused, NoSuchUpload, ObjectNotFound, PermanentError
 from stagerd.log import get_logger
 from stagerd.progress import NullProgress, Progress
 from stagerd.s3.partio import (
@@ -41,21 +43,20 @@ from stagerd.s3.partio import (
     multipart_etag,
     plan_part_size,
     split_parts,
+    verify_layout,
 )
 from stagerd.s3.parts import (
     PART_SIZE_META,
     FileState,
-    ListedPart,
     StaleUpload,
     UploadInterrupted,
     UploadOptions,
     UploadResult,
     UploadTarget,
     either,
-    no_such_upload,
     strip_etag,
-    translate,
 )
+from stagerd.s3.store import ObjectHead, PartInfo, UploadInfo
 
 T = TypeVar("T")
 __all__ = [
@@ -73,6 +74,7 @@ SINGLE_PUT_MAX = 16 * 1024 * 1024
 # Concurrent runs of one file can make each other's uploads vanish; each round re-lists,
 # so a few rounds settle any realistic race without looping on a server that misbehaves.
 VANISHED_ROUNDS = 4
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)  # an upload listed without its start time
 
 
 def upload_file(
@@ -118,9 +120,8 @@ class _Uploader:
         for _ in range(VANISHED_ROUNDS - 1):
             try:
                 return self._resume_or_start()
-            except PermanentError as exc:
-                if not no_such_upload(exc):
-                    raise
+            except NoSuchUpload:
+                pass
             # A concurrent run for the same file completed (or aborted) the upload we were
             # listing or adding parts to, at any step from ListParts to Complete: accept
             # its object if it matches, else look again (it may have started a newer one).
@@ -152,36 +153,21 @@ class _Uploader:
 
     def _existing_object(self) -> UploadResult | None:
         head = self._head()
-        if head is None or head.get("ContentLength") != self.state.size:
+        if head is None or head.size != self.state.size:
             return None
         try:
-            part_size = int(head.get("Metadata", {}).get(PART_SIZE_META, ""))
+            part_size = int(head.metadata.get(PART_SIZE_META, ""))
         except ValueError:
             return None  # not ours (or pre-metadata): cannot verify it cheaply, re-send
-        parts = split_parts(self.state.size, part_size)
-        md5s: list[str] = []
-        with SequentialHasher(self.path) as hasher:
-            for part in parts:
-                self._check_stop()
-                md5s.append(hasher.read_part(part, md5=True) or "")
-            sha256 = hasher.sha256()
-        etag = strip_etag(head.get("ETag", ""))
-        single_put = len(md5s) == 1 and etag == md5s[0]
-        if etag != multipart_etag(md5s) and not single_put:
+        etag = strip_etag(head.etag)
+        matched = verify_layout(self.path, self.state.size, part_size, etag, self._check_stop)
+        if matched is None:
             log.info("s3://%s/%s exists but differs from the file", self.t.bucket, self.t.key)
             return None
+        sha256, nparts = matched
         log.info("s3://%s/%s already complete and verified", self.t.bucket, self.t.key)
         self.progress.advance(self.state.size)
-        return UploadResult(
-            size=self.state.size,
-            sha256=sha256,
-            etag=etag,
-            parts=len(parts),
-            part_size=part_size,
-            uploaded_bytes=0,
-            resumed_bytes=self.state.size,
-            already_complete=True,
-        )
+        return self._result(sha256, etag, self.state.size, (nparts, part_size), complete=True)
 
     def _refuse_if_present(self) -> None:
         """Batch ids are immutable: an object that is not this file is never overwritten."""
@@ -190,21 +176,17 @@ class _Uploader:
             return
         raise BatchIdReused(
             f"batch id already holds a different archive: s3://{self.t.bucket}/{self.t.key} is "
-            f"{head.get('ContentLength')} bytes and differs from {self.path} "
+            f"{head.size} bytes and differs from {self.path} "
             f"({self.state.size} bytes); nothing was changed (--force replaces it and the "
             "batch is processed again)"
         )
 
-    def _head(self) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
-
-        def head() -> dict[str, Any] | None:
+    def _head(self) -> ObjectHead | None:
+        def head() -> ObjectHead | None:
             try:
-                return dict(self.t.client.head_object(Bucket=self.t.bucket, Key=self.t.key))
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                    return None
-                raise
+                return self.t.store.head(self.t.bucket, self.t.key)
+            except ObjectNotFound:
+                return None
 
         return self._call("HeadObject", head)
 
@@ -216,61 +198,43 @@ class _Uploader:
             raise PermanentError(f"{self.path} changed while it was being read; not uploaded")
         md5 = hashlib.md5(data)
         metadata = {**self.opts.metadata, PART_SIZE_META: str(self.part_size)}
-        response = self._call(
+        etag = self._call(
             "PutObject",
-            lambda: self.t.client.put_object(
-                Bucket=self.t.bucket,
-                Key=self.t.key,
-                Body=data,
-                ContentMD5=base64.b64encode(md5.digest()).decode(),
-                Metadata=metadata,
-                ContentType="application/x-tar",
+            lambda: self.t.store.put(
+                self.t.bucket,
+                self.t.key,
+                data,
+                content_md5=base64.b64encode(md5.digest()).decode(),
+                metadata=metadata,
+                content_type="application/x-tar",
             ),
         )
-        etag = strip_etag(response.get("ETag", ""))
         if etag != md5.hexdigest():
             raise PermanentError(
                 f"s3://{self.t.bucket}/{self.t.key}: ETag {etag} after PutObject, "
                 f"expected {md5.hexdigest()}"
             )
         self.progress.advance(self.state.size)
-        return UploadResult(
-            size=self.state.size,
-            sha256=hashlib.sha256(data).hexdigest(),
-            etag=etag,
-            parts=1,
-            part_size=self.part_size,
-            uploaded_bytes=self.state.size,
-            resumed_bytes=0,
-            already_complete=False,
-        )
+        return self._result(hashlib.sha256(data).hexdigest(), etag, 0)
 
     # -- finding an interrupted upload --------------------------------------------------
 
-    def _find_resumable(self) -> tuple[str | None, dict[int, ListedPart]]:
-        def newest() -> dict[str, Any] | None:
-            pages = self.t.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.t.bucket, Prefix=self.t.key
-            )
-            mine = [u for page in pages for u in page.get("Uploads", []) if u["Key"] == self.t.key]
+    def _find_resumable(self) -> tuple[str | None, dict[int, PartInfo]]:
+        def newest() -> UploadInfo | None:
+            uploads = self.t.store.list_uploads(self.t.bucket, self.t.key)
+            mine = [u for u in uploads if u.key == self.t.key]
             # Several uploads happen after crashes during CreateMultipartUpload or
             # concurrent runs; the newest is the one most likely to hold our parts.
-            return dict(max(mine, key=lambda u: u["Initiated"])) if mine else None
+            return max(mine, key=lambda u: u.initiated or _EPOCH) if mine else None
 
         upload = self._call("ListMultipartUploads", newest)
         if upload is None:
             return None, {}
-        upload_id = str(upload["UploadId"])
+        upload_id = upload.upload_id
 
-        def parts() -> dict[int, ListedPart]:
-            pages = self.t.client.get_paginator("list_parts").paginate(
-                Bucket=self.t.bucket, Key=self.t.key, UploadId=upload_id
-            )
-            return {
-                int(p["PartNumber"]): ListedPart(int(p["Size"]), strip_etag(p["ETag"]))
-                for page in pages
-                for p in page.get("Parts", [])
-            }
+        def parts() -> dict[int, PartInfo]:
+            listed = self.t.store.list_parts(self.t.bucket, self.t.key, upload_id)
+            return {p.number: p for p in listed}
 
         listed = self._call("ListParts", parts)
         log.info(
@@ -284,7 +248,7 @@ class _Uploader:
 
     # -- the upload itself --------------------------------------------------------------
 
-    def _upload(self, upload_id: str | None, listed: dict[int, ListedPart]) -> UploadResult:
+    def _upload(self, upload_id: str | None, listed: dict[int, PartInfo]) -> UploadResult:
         if any(n > len(self.parts) for n in listed):
             raise StaleUpload("it has more parts than the file")
         if upload_id is None:
@@ -295,19 +259,10 @@ class _Uploader:
             raise PermanentError(f"{self.path} changed while it was being uploaded; not completed")
         ordered = [etags[p.number] for p in self.parts]
         etag = self._complete(upload_id, ordered)
-        return UploadResult(
-            size=self.state.size,
-            sha256=sha256,
-            etag=etag,
-            parts=len(self.parts),
-            part_size=self.part_size,
-            uploaded_bytes=self.state.size - resumed,
-            resumed_bytes=resumed,
-            already_complete=False,
-        )
+        return self._result(sha256, etag, resumed)
 
     def _send_parts(
-        self, upload_id: str, listed: dict[int, ListedPart]
+        self, upload_id: str, listed: dict[int, PartInfo]
     ) -> tuple[dict[int, str], int, str]:
         """Hash every part in order; skip verified listed parts, send the others."""
         etags: dict[int, str] = {}
@@ -367,20 +322,12 @@ class _Uploader:
         try:
             cancelled = either(cancel, self.stop)
             with FileSlice(self.path, part.offset, part.length, cancelled) as body:
-
-                def send() -> str:
-                    body.seek(0)
-                    response = self.t.client.upload_part(
-                        Bucket=self.t.bucket,
-                        Key=self.t.key,
-                        UploadId=upload_id,
-                        PartNumber=part.number,
-                        Body=body,  # type: ignore[arg-type]
-                        ContentLength=part.length,
-                    )
-                    return strip_etag(response["ETag"])
-
-                etag = self._call(f"UploadPart {part.number}/{len(self.parts)}", send)
+                etag = self._call(
+                    f"UploadPart {part.number}/{len(self.parts)}",
+                    lambda: self.t.store.upload_part(
+                        self.t.bucket, self.t.key, upload_id, part.number, body, part.length
+                    ),
+                )
         finally:
             slots.release()
         self.progress.advance(part.length)
@@ -388,42 +335,31 @@ class _Uploader:
 
     def _create(self) -> str:
         metadata = {**self.opts.metadata, PART_SIZE_META: str(self.part_size)}
-        response = self._call(
+        return self._call(
             "CreateMultipartUpload",
-            lambda: self.t.client.create_multipart_upload(
-                Bucket=self.t.bucket,
-                Key=self.t.key,
-                Metadata=metadata,
-                ContentType="application/x-tar",
+            lambda: self.t.store.create_multipart(
+                self.t.bucket, self.t.key, metadata=metadata, content_type="application/x-tar"
             ),
         )
-        return str(response["UploadId"])
 
     def _complete(self, upload_id: str, etags: list[str]) -> str:
         expected = multipart_etag(etags)
-        body = {"Parts": [{"PartNumber": i + 1, "ETag": f'"{e}"'} for i, e in enumerate(etags)]}
-        try:
+        # NoSuchUpload: a concurrent run for the same file (or our own retried request) may
+        # have completed this very upload; the HEAD below decides.
+        with contextlib.suppress(NoSuchUpload):
             self._call(
                 "CompleteMultipartUpload",
-                lambda: self.t.client.complete_multipart_upload(
-                    Bucket=self.t.bucket,
-                    Key=self.t.key,
-                    UploadId=upload_id,
-                    MultipartUpload=body,  # type: ignore[arg-type]
+                lambda: self.t.store.complete_multipart(
+                    self.t.bucket, self.t.key, upload_id, etags
                 ),
             )
-        except PermanentError as exc:
-            # A concurrent run for the same file (or our own retried request) may have
-            # completed this very upload; the HEAD below decides.
-            if not no_such_upload(exc):
-                raise
         head = self._head()
-        if head is None or head.get("ContentLength") != self.state.size:
+        if head is None or head.size != self.state.size:
             raise PermanentError(
                 f"s3://{self.t.bucket}/{self.t.key}: object size after upload is "
-                f"{None if head is None else head.get('ContentLength')}, expected {self.state.size}"
+                f"{None if head is None else head.size}, expected {self.state.size}"
             )
-        etag = strip_etag(head.get("ETag", ""))
+        etag = strip_etag(head.etag)
         if "-" in etag and etag != expected:
             raise PermanentError(
                 f"s3://{self.t.bucket}/{self.t.key}: ETag {etag} after upload, expected {expected}"
@@ -433,12 +369,23 @@ class _Uploader:
     def _abort(self, upload_id: str) -> None:
         self._call(
             "AbortMultipartUpload",
-            lambda: self.t.client.abort_multipart_upload(
-                Bucket=self.t.bucket, Key=self.t.key, UploadId=upload_id
-            ),
+            lambda: self.t.store.abort_multipart(self.t.bucket, self.t.key, upload_id),
         )
 
     # -- cross-cutting ------------------------------------------------------------------
+
+    def _result(
+        self, sha256: str, etag: str, resumed: int, layout: tuple[int, int] | None = None,
+        *, complete: bool = False,
+    ) -> UploadResult:  # fmt: skip
+        """This run's result: *resumed* bytes were in S3 already, the rest were sent;
+        *layout* is (parts, part size) when the object's own differs from this run's."""
+        parts, part_size = layout or (len(self.parts), self.part_size)
+        size = self.state.size
+        return UploadResult(
+            size, sha256, etag, parts, part_size, uploaded_bytes=size - resumed,
+            resumed_bytes=resumed, already_complete=complete,
+        )  # fmt: skip
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -447,11 +394,5 @@ class _Uploader:
             )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one S3 request under the retry policy; translate botocore errors into ours."""
-        try:
-            return self.opts.policy.call(fn, what=f"S3 {what}", stop=self.stop)
-        except Exception as exc:
-            translated = translate(exc, self.t)
-            if translated is exc:
-                raise
-            raise translated from exc
+        """Run one store request under the retry policy (the store raised stagerd errors)."""
+        return self.opts.policy.call(fn, what=f"S3 {what}", stop=self.stop)

@@ -64,6 +64,25 @@ def multipart_etag(md5_hexes: list[str]) -> str:
     return f"{hashlib.md5(joined).hexdigest()}-{len(md5_hexes)}"
 
 
+def verify_layout(
+    path: Path, size: int, part_size: int, etag: str, check: Callable[[], None]
+) -> tuple[str, int] | None:
+    """``(sha256, parts)`` when the first *size* bytes of *path*, cut in *part_size* parts,
+    give ETag *etag* (a multipart ETag, or one PutObject's plain MD5); None if they differ.
+    *check* runs before each part (it raises to stop). One pass over the file."""
+    parts = split_parts(size, part_size)
+    md5s: list[str] = []
+    with SequentialHasher(path) as hasher:
+        for part in parts:
+            check()
+            md5s.append(hasher.read_part(part, md5=True) or "")
+        sha256 = hasher.sha256()
+    single_put = len(md5s) == 1 and etag == md5s[0]
+    if etag != multipart_etag(md5s) and not single_put:
+        return None
+    return sha256, len(parts)
+
+
 class Cancelled(Exception):
     """A part body was read after the upload was cancelled (shutdown or a failed sibling).
 

@@ -7,13 +7,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from stagerd.errors import PermanentError, TransientError
-from stagerd.retry import RetryPolicy, is_transient
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+from stagerd.errors import TransientError
+from stagerd.retry import RetryPolicy
+from stagerd.s3.store import ObjectStore
 
 PART_SIZE_META = "stagerd-part-size"
 
@@ -28,12 +25,11 @@ class StaleUpload(Exception):
 
 @dataclass(frozen=True)
 class UploadTarget:
-    """Where the file goes. *endpoint* is only used in messages."""
+    """Where the file goes: a key in a bucket of an object store."""
 
-    client: S3Client
+    store: ObjectStore
     bucket: str
     key: str
-    endpoint: str
 
 
 @dataclass(frozen=True)
@@ -72,39 +68,8 @@ class FileState:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-@dataclass(frozen=True)
-class ListedPart:
-    size: int
-    etag: str
-
-
 def either(a: threading.Event, b: threading.Event) -> Callable[[], bool]:
     return lambda: a.is_set() or b.is_set()
-
-
-def translate(exc: Exception, target: UploadTarget) -> Exception:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from stagerd.errors import StagerdError
-    from stagerd.s3.client import describe_client_error
-    from stagerd.s3.partio import Cancelled
-
-    if isinstance(exc, (StagerdError, Cancelled, StaleUpload)):
-        return exc
-    if not isinstance(exc, (ClientError, BotoCoreError, OSError)):
-        return exc
-    message = describe_client_error(exc, target.bucket, target.endpoint)
-    return TransientError(message) if is_transient(exc) else PermanentError(message)
-
-
-def no_such_upload(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError
-
-    cause = exc.__cause__
-    return (
-        isinstance(cause, ClientError)
-        and cause.response.get("Error", {}).get("Code") == "NoSuchUpload"
-    )
 
 
 def strip_etag(etag: str) -> str:

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from stagerd.archive.tarcheck import check_tar
 from stagerd.config.settings import S3Settings, Settings, redact_url
-from stagerd.errors import BatchIdReused, PermanentError, ServiceUnavailable, StagerdError
+from stagerd.errors import (
+    BatchIdReused,
+    PermanentError,
+    ServiceUnavailable,
+    StagerdError,
+    TransientError,
+)
 from stagerd.ids import archive_key, validate_batch_id
 from stagerd.job import Job
 from stagerd.log import get_logger
@@ -32,7 +38,10 @@ from stagerd.s3.client import get_s3_client
 
 if TYPE_CHECKING:
     import redis
-    from mypy_boto3_s3 import S3Client
+
+    from stagerd.progress import Progress
+    from stagerd.s3.multipart import UploadOptions, UploadResult, UploadTarget
+    from stagerd.s3.store import ObjectStore
 
 __all__ = ["TransferReport", "TransferRequest", "get_s3_client", "transfer", "upload_archive"]
 
@@ -79,25 +88,27 @@ class TransferReport:
 
 @dataclass
 class Connections:
-    """S3 and Redis clients checked once and reused for many transfers.
+    """The object store and Redis client, checked once and reused for many transfers.
 
     A one-shot upload builds its own; the watcher keeps one set for its whole life, so a
-    stream of small archives pays for neither a new boto3 client, a new Redis connection
+    stream of small archives pays for neither a new S3 client, a new Redis connection
     nor a bucket probe per file.
     """
 
     s3: S3Settings
-    client: S3Client
+    store: ObjectStore
     redis: redis.Redis | None
 
     @classmethod
     def open(cls, settings: Settings, *, enqueue: bool = True) -> Connections:
         """Connect and probe. Raises ConfigError, ServiceUnavailable or PermanentError."""
+        from stagerd.s3.boto import BotoStore
+
         s3 = settings.require_s3()
         redis_client = _connect_redis(settings) if enqueue else None
-        client = get_s3_client(s3)
-        _probe_bucket(client, s3)
-        return cls(s3, client, redis_client)
+        store = BotoStore.from_settings(s3)
+        _probe_bucket(store, s3)
+        return cls(s3, store, redis_client)
 
 
 def transfer(
@@ -115,7 +126,7 @@ def transfer(
     (bad file, 403, missing bucket), ServiceUnavailable/TransientError (S3 or Redis
     unreachable), UploadInterrupted (stop was set; rerun resumes).
     """
-    from stagerd.s3.multipart import UploadOptions, UploadTarget, upload_file
+    from stagerd.s3.multipart import UploadTarget
 
     started = time.monotonic()
     batch_id = validate_batch_id(request.batch_id)
@@ -127,41 +138,20 @@ def transfer(
         settings = settings.replace(concurrency=request.concurrency)
     if connections is None or (request.enqueue and connections.redis is None):
         connections = Connections.open(settings, enqueue=request.enqueue)
-    s3, client = connections.s3, connections.client
+    s3, store = connections.s3, connections.store
     redis_client = connections.redis if request.enqueue else None
     size = path.stat().st_size
     if not request.force:
         _check_ledger_archive(settings, batch_id, path, size)
-    options = UploadOptions(
-        part_size=request.part_size or settings.part_size,
-        concurrency=settings.concurrency,
-        max_parts=settings.max_parts,
-        policy=policy or RetryPolicy(),
-        metadata={"stagerd-batch-id": batch_id},
-        force=request.force,
-        keep_existing=not request.force,
-    )
+    target = UploadTarget(store, s3.bucket, key)
+    options = _upload_options(settings, request, batch_id, policy)
     progress = make_progress(f"upload {batch_id}", size, mode=progress_mode)
-    try:
-        target = UploadTarget(client, s3.bucket, key, s3.endpoint)
-        result = upload_file(target, path, options, stop=stop, progress=progress)
-    finally:
-        progress.close()
+    result = _upload(target, path, options, stop, progress)
     enqueued = False
     if redis_client is not None:
-        job = Job.new(batch_id, file_count=file_count, size=result.size, sha256=result.sha256)
-        if request.force:
-            # The worker replaces a done batch only for a job that says so (and only when
-            # the digest differs, so a redelivered job never reprocesses twice).
-            job = replace(job, extra={**job.extra, "replace": True})
-        enqueued = _enqueue(redis_client, settings, job, force=request.force)
-    if redis_client is not None:
-        # After the enqueue, and only for jobs stagerd enqueued (the seed's upload_archive
-        # creates nothing but the archive): "enqueued" tells reconcile the job was handed to
-        # Redis, so its absence from every list after a Redis loss means it was lost.
-        digest = {"size": result.size, "sha256": result.sha256, "etag": result.etag}
-        fields = {**digest, "file_count": file_count, "enqueued": True}
-        _record_digest(client, s3.bucket, batch_id, fields, policy or RetryPolicy())
+        enqueued = _enqueue_and_record(
+            redis_client, store, settings, request, result, file_count, policy or RetryPolicy()
+        )
     report = TransferReport(
         batch_id=batch_id,
         s3_key=key,
@@ -181,25 +171,80 @@ def transfer(
     return report
 
 
+def _upload(
+    target: UploadTarget,
+    path: Path,
+    options: UploadOptions,
+    stop: threading.Event | None,
+    progress: Progress,
+) -> UploadResult:
+    """The multipart upload with its progress display, closed whatever happens."""
+    from stagerd.s3.multipart import upload_file
+
+    try:
+        return upload_file(target, path, options, stop=stop, progress=progress)
+    finally:
+        progress.close()
+
+
+def _upload_options(
+    settings: Settings, request: TransferRequest, batch_id: str, policy: RetryPolicy | None
+) -> UploadOptions:
+    from stagerd.s3.multipart import UploadOptions
+
+    return UploadOptions(
+        part_size=request.part_size or settings.part_size,
+        concurrency=settings.concurrency,
+        max_parts=settings.max_parts,
+        policy=policy or RetryPolicy(),
+        metadata={"stagerd-batch-id": batch_id},
+        force=request.force,
+        keep_existing=not request.force,
+    )
+
+
+def _enqueue_and_record(
+    redis_client: redis.Redis,
+    store: ObjectStore,
+    settings: Settings,
+    request: TransferRequest,
+    result: UploadResult,
+    file_count: int,
+    policy: RetryPolicy,
+) -> bool:
+    """Enqueue the job once, then write the digest record; whether the job was pushed."""
+    batch_id = validate_batch_id(request.batch_id)
+    job = Job.new(batch_id, file_count=file_count, size=result.size, sha256=result.sha256)
+    if request.force:
+        # The worker replaces a done batch only for a job that says so (and only when
+        # the digest differs, so a redelivered job never reprocesses twice).
+        job = replace(job, extra={**job.extra, "replace": True})
+    enqueued = _enqueue(redis_client, settings, job, force=request.force)
+    # After the enqueue, and only for jobs stagerd enqueued (the seed's upload_archive
+    # creates nothing but the archive): "enqueued" tells reconcile the job was handed to
+    # Redis, so its absence from every list after a Redis loss means it was lost.
+    digest = {"size": result.size, "sha256": result.sha256, "etag": result.etag}
+    fields = {**digest, "file_count": file_count, "enqueued": True}
+    s3 = settings.require_s3()
+    _record_digest(store, s3.bucket, batch_id, fields, policy)
+    return enqueued
+
+
 def _record_digest(
-    client: S3Client, bucket: str, batch_id: str, fields: dict[str, Any], policy: RetryPolicy
+    store: ObjectStore, bucket: str, batch_id: str, fields: dict[str, Any], policy: RetryPolicy
 ) -> None:
     """Keep size and digest next to the archive in S3, where a Redis loss cannot take them
     (``stagerd reconcile`` re-enqueues with them). Best effort: the archive is uploaded
     and enqueued already, and reconcile works without the record (size only)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from stagerd.ids import digest_key
 
     body = json.dumps({"batch_id": batch_id, **fields}, sort_keys=True).encode()
     try:
         policy.call(
-            lambda: client.put_object(
-                Bucket=bucket, Key=digest_key(batch_id), Body=body, ContentType="application/json"
-            ),
+            lambda: store.put(bucket, digest_key(batch_id), body, content_type="application/json"),
             what="S3 PutObject (digest record)",
         )
-    except (BotoCoreError, ClientError, StagerdError, OSError) as exc:
+    except (StagerdError, OSError) as exc:
         log.warning("could not write the digest record of %s: %s", batch_id, exc)
 
 
@@ -298,24 +343,12 @@ def _connect_redis(settings: Settings) -> redis.Redis:
     return client
 
 
-def _probe_bucket(client: S3Client, s3: S3Settings) -> None:
+def _probe_bucket(store: ObjectStore, s3: S3Settings) -> None:
     """Fail before uploading when the endpoint, the bucket or the credentials are wrong."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from stagerd.retry import is_transient
-    from stagerd.s3.client import describe_client_error
-
     try:
-        PROBE_POLICY.call(lambda: client.head_bucket(Bucket=s3.bucket), what="S3 HeadBucket")
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchBucket", "NotFound"}:
-            raise PermanentError(
-                f"S3 bucket {s3.bucket!r} does not exist at {s3.endpoint}"
-            ) from None
-        message = describe_client_error(exc, s3.bucket, s3.endpoint)
-        raise (ServiceUnavailable if is_transient(exc) else PermanentError)(message) from None
-    except (BotoCoreError, OSError) as exc:
-        raise ServiceUnavailable(describe_client_error(exc, s3.bucket, s3.endpoint)) from None
+        PROBE_POLICY.call(lambda: store.head_bucket(s3.bucket), what="S3 HeadBucket")
+    except TransientError as exc:
+        raise ServiceUnavailable(str(exc)) from None
 
 
 def _enqueue(client: redis.Redis, settings: Settings, job: Job, *, force: bool) -> bool:

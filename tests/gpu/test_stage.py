@@ -14,6 +14,7 @@ from stagerd.errors import ArchiveRejected, ScratchBudgetExceeded, TransientErro
 from stagerd.gpu.stage import StageInterrupted, cleanup_scratch, download_archive, stage_batch
 from stagerd.job import Job
 from stagerd.retry import RetryPolicy
+from stagerd.s3.boto import BotoStore
 from stagerd.samples.makebatch import BatchInfo, make_batch
 from stagerd.scratch.space import ScratchManager
 
@@ -88,7 +89,7 @@ def test_stream_mode_stages_into_input_with_1x_scratch(
     progress: list[int] = []
     with scratch.reserve(job.batch_id, info.size) as res:
         result = stage_batch(
-            s3_client, s3_bucket, job, res, policy=FAST, on_progress=progress.append,
+            BotoStore(s3_client), s3_bucket, job, res, policy=FAST, on_progress=progress.append,
             range_size=MiB,
         )  # fmt: skip
         assert wavs(res.path / "input") == [f"{i:06d}.wav" for i in range(1, 13)]
@@ -109,7 +110,9 @@ def test_keep_archive_mode_downloads_then_extracts(
 ) -> None:
     job, info = upload_batch(tmp_path, s3_client, s3_bucket, "b-keep")
     with scratch.reserve(job.batch_id, info.size) as res:
-        result = stage_batch(s3_client, s3_bucket, job, res, keep_archive=True, policy=FAST)
+        result = stage_batch(
+            BotoStore(s3_client), s3_bucket, job, res, keep_archive=True, policy=FAST
+        )
         assert (res.path / "archive.tar").read_bytes() == info.path.read_bytes()
         assert len(wavs(res.path / "input")) == 12
         assert res.nbytes > info.size  # archive + extracted: the reservation was extended
@@ -124,7 +127,7 @@ def test_digest_mismatch_never_leaves_input(
     wrong = Job.new(job.batch_id, size=info.size, sha256="0" * 64)
     with scratch.reserve(job.batch_id, info.size) as res:
         with pytest.raises(ArchiveRejected, match="SHA-256 mismatch"):
-            stage_batch(s3_client, s3_bucket, wrong, res, keep_archive=keep, policy=FAST)
+            stage_batch(BotoStore(s3_client), s3_bucket, wrong, res, keep_archive=keep, policy=FAST)
         assert not (res.path / "input").exists()
         assert not (res.path / "archive.tar").exists()  # keep mode: not reusable either
 
@@ -135,9 +138,11 @@ def test_size_mismatch_and_missing_key_are_rejected(
     job, info = upload_batch(tmp_path, s3_client, s3_bucket, "b-size")
     with scratch.reserve(job.batch_id, info.size) as res:
         with pytest.raises(ArchiveRejected, match="the job says 5"):
-            stage_batch(s3_client, s3_bucket, Job.new(job.batch_id, size=5), res, policy=FAST)
+            stage_batch(
+                BotoStore(s3_client), s3_bucket, Job.new(job.batch_id, size=5), res, policy=FAST
+            )
         with pytest.raises(ArchiveRejected, match="does not exist"):
-            stage_batch(s3_client, s3_bucket, Job.new("b-missing"), res, policy=FAST)
+            stage_batch(BotoStore(s3_client), s3_bucket, Job.new("b-missing"), res, policy=FAST)
 
 
 def test_hostile_archive_is_rejected_and_input_removed(
@@ -150,7 +155,7 @@ def test_hostile_archive_is_rejected_and_input_removed(
     job = upload_tar(s3_client, s3_bucket, "b-hostile", [ok, link])
     with scratch.reserve(job.batch_id, MiB) as res:
         with pytest.raises(ArchiveRejected, match="symbolic link"):
-            stage_batch(s3_client, s3_bucket, job, res, policy=FAST)
+            stage_batch(BotoStore(s3_client), s3_bucket, job, res, policy=FAST)
         assert not (res.path / "input").exists()
 
 
@@ -160,7 +165,8 @@ def test_dropped_connections_resume_and_stage_the_same_bytes(
     job, info = upload_batch(tmp_path, s3_client, s3_bucket, "b-flaky", files=8, size=MiB)
     flaky = FlakyClient(s3_client, drops=3)
     with scratch.reserve(job.batch_id, info.size) as res:
-        result = stage_batch(flaky, s3_bucket, job, res, policy=FAST, range_size=4 * MiB)  # type: ignore[arg-type]
+        store = BotoStore(flaky, "flaky")  # type: ignore[arg-type]
+        result = stage_batch(store, s3_bucket, job, res, policy=FAST, range_size=4 * MiB)
         assert len(wavs(res.path / "input")) == 8
     assert result.sha256 == info.sha256
     assert flaky.ranges[:4] == [
@@ -177,7 +183,7 @@ def test_planted_input_symlink_is_replaced_not_followed(
     outside.mkdir()
     with scratch.reserve(job.batch_id, info.size) as res:
         (res.path / "input").symlink_to(outside)
-        stage_batch(s3_client, s3_bucket, job, res, policy=FAST)
+        stage_batch(BotoStore(s3_client), s3_bucket, job, res, policy=FAST)
         assert not (res.path / "input").is_symlink()
         assert len(wavs(res.path / "input")) == 2
     assert list(outside.iterdir()) == []
@@ -196,7 +202,7 @@ def test_small_files_outgrowing_the_budget_fail_cleanly(
     with small.reserve(job.batch_id, 300 * 1024) as res:
         # 200 one-byte files really cost 200 filesystem blocks (800 KiB) > the 400 KiB budget.
         with pytest.raises(ScratchBudgetExceeded):
-            stage_batch(s3_client, s3_bucket, job, res, policy=FAST)
+            stage_batch(BotoStore(s3_client), s3_bucket, job, res, policy=FAST)
         assert not (res.path / "input").exists()
 
 
@@ -206,11 +212,11 @@ def test_member_cap_and_stop_event(
     job, info = upload_batch(tmp_path, s3_client, s3_bucket, "b-cap")
     with scratch.reserve(job.batch_id, info.size) as res:
         with pytest.raises(ArchiveRejected, match="more than 5 members"):
-            stage_batch(s3_client, s3_bucket, job, res, policy=FAST, max_members=5)
+            stage_batch(BotoStore(s3_client), s3_bucket, job, res, policy=FAST, max_members=5)
         stop = threading.Event()
         stop.set()
         with pytest.raises(StageInterrupted):
-            stage_batch(s3_client, s3_bucket, job, res, policy=FAST, stop=stop)
+            stage_batch(BotoStore(s3_client), s3_bucket, job, res, policy=FAST, stop=stop)
         assert not (res.path / "input").exists()
 
 
@@ -239,13 +245,13 @@ def test_a_given_head_is_not_fetched_again_and_still_pins_the_reads(
     from stagerd.gpu.stage import head_archive
 
     job, info = upload_batch(tmp_path, s3_client, s3_bucket, "b-head", files=3)
-    head = head_archive(s3_client, s3_bucket, job.s3_key)
+    head = head_archive(BotoStore(s3_client), s3_bucket, job.s3_key)
     methods: list[str] = []
     s3_client.meta.events.register(
         "before-send.s3", lambda request, **_: methods.append(request.method)
     )
     with scratch.reserve(job.batch_id, info.size) as res:
-        result = stage_batch(s3_client, s3_bucket, job, res, policy=FAST, head=head)
+        result = stage_batch(BotoStore(s3_client), s3_bucket, job, res, policy=FAST, head=head)
     assert "HEAD" not in methods and "GET" in methods
     assert result.sha256 == info.sha256
     # A head whose ETag no longer matches the object makes the pinned reads fail.
@@ -254,4 +260,4 @@ def test_a_given_head_is_not_fetched_again_and_still_pins_the_reads(
         scratch.reserve("b-head", info.size) as res,
         pytest.raises(TransientError, match="changed while staging"),
     ):
-        stage_batch(s3_client, s3_bucket, job, res, policy=FAST, head=stale)
+        stage_batch(BotoStore(s3_client), s3_bucket, job, res, policy=FAST, head=stale)

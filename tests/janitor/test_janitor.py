@@ -21,6 +21,7 @@ from stagerd.janitor.run import (
 from stagerd.job import Job
 from stagerd.queue.keys import QueueKeys
 from stagerd.queue.redis_queue import ReliableQueue
+from stagerd.s3.boto import BotoStore
 from stagerd.scratch.locks import FileLock
 from stagerd.scratch.space import ScratchManager
 from stagerd.scratch.sweep import (
@@ -281,10 +282,12 @@ def test_stale_multipart_uploads_aborted_fresh_ones_kept(s3_client: Any, s3_buck
     now = time.time() + 3600
     # a max age that falls between the two uploads' ages, whatever the wall clock says
     max_age = now - (started["archives/old.tar"] + started["archives/new.tar"]) / 2
-    dry = abort_stale_uploads(s3_client, s3_bucket, max_age=max_age, now=now, dry_run=True)
+    dry = abort_stale_uploads(
+        BotoStore(s3_client), s3_bucket, max_age=max_age, now=now, dry_run=True
+    )
     assert dry == ["archives/old.tar"]
     assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]) == 3
-    assert abort_stale_uploads(s3_client, s3_bucket, max_age=max_age, now=now) == [
+    assert abort_stale_uploads(BotoStore(s3_client), s3_bucket, max_age=max_age, now=now) == [
         "archives/old.tar"
     ]
     left = sorted(u["Key"] for u in s3_client.list_multipart_uploads(Bucket=s3_bucket)["Uploads"])

@@ -14,6 +14,7 @@ import pytest
 
 from stagerd.errors import ArchiveRejected, TransientError
 from stagerd.retry import RetryPolicy
+from stagerd.s3.boto import BotoStore, map_error
 from stagerd.s3.fetch import (
     CHUNK,
     ArchiveHead,
@@ -70,7 +71,7 @@ class Recorder:
 def blob(s3_client: Any, s3_bucket: str) -> tuple[bytes, ArchiveHead]:
     data = os.urandom(3 * CHUNK + 12345)
     s3_client.put_object(Bucket=s3_bucket, Key=KEY, Body=data)
-    return data, head_object(s3_client, s3_bucket, KEY)
+    return data, head_object(BotoStore(s3_client), s3_bucket, KEY)
 
 
 def read_all(stream: RangedStream) -> bytes:
@@ -89,7 +90,7 @@ def test_ranged_stream_reads_every_byte_in_ranges(
 ) -> None:
     data, head = blob
     assert head.size == len(data) and head.etag.startswith('"')
-    opener = Recorder(s3_range_opener(s3_client, s3_bucket, KEY, head.etag))
+    opener = Recorder(s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag))
     with RangedStream(
         opener, head.size, describe=describe(s3_bucket), range_size=CHUNK, policy=FAST
     ) as stream:
@@ -103,7 +104,7 @@ def test_dropped_connection_resumes_at_the_byte_offset(
     s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
 ) -> None:
     data, head = blob
-    real = s3_range_opener(s3_client, s3_bucket, KEY, head.etag)
+    real = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
     opener = Recorder(real, flaky=2, reads=1)  # two drops, each after one 1 MiB read
     with RangedStream(
         opener, head.size, describe=describe(s3_bucket), range_size=4 * CHUNK, policy=FAST
@@ -118,7 +119,7 @@ def test_retries_exhausted_surface_as_transient(
     s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
 ) -> None:
     _, head = blob
-    real = s3_range_opener(s3_client, s3_bucket, KEY, head.etag)
+    real = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
     opener = Recorder(real, flaky=100, reads=0)
     with (
         RangedStream(
@@ -140,7 +141,7 @@ def test_replaced_object_fails_if_match_as_transient(
 ) -> None:
     _, head = blob
     s3_client.put_object(Bucket=s3_bucket, Key=KEY, Body=b"a different archive")
-    opener = s3_range_opener(s3_client, s3_bucket, KEY, head.etag)
+    opener = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
     with (
         RangedStream(opener, head.size, describe=describe(s3_bucket), policy=FAST) as stream,
         pytest.raises(TransientError, match="changed while staging"),
@@ -152,8 +153,10 @@ def test_missing_object_is_rejected(s3_client: Any, s3_bucket: str) -> None:
     from botocore.exceptions import ClientError
 
     with pytest.raises(ClientError) as info:
-        head_object(s3_client, s3_bucket, "archives/nope.tar")
-    assert isinstance(map_s3_error(info.value, s3_bucket, "archives/nope.tar"), ArchiveRejected)
+        s3_client.head_object(Bucket=s3_bucket, Key="archives/nope.tar")
+    # The store is the one place that turns botocore's error into ours.
+    error = map_error(info.value, "HeadObject", s3_bucket, "http://s3")
+    assert isinstance(map_s3_error(error, s3_bucket, "archives/nope.tar"), ArchiveRejected)
 
 
 def test_stop_event_interrupts_the_consumer(
@@ -161,7 +164,7 @@ def test_stop_event_interrupts_the_consumer(
 ) -> None:
     _, head = blob
     stop = threading.Event()
-    opener = s3_range_opener(s3_client, s3_bucket, KEY, head.etag)
+    opener = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
     with RangedStream(
         opener, head.size, describe=describe(s3_bucket), policy=FAST, stop=stop, prefetch=2 * CHUNK
     ) as stream:
@@ -175,7 +178,7 @@ def test_download_resumes_a_partial_file_for_the_same_etag(
     tmp_path: Path, s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
 ) -> None:
     data, head = blob
-    real = s3_range_opener(s3_client, s3_bucket, KEY, head.etag)
+    real = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
     dest = tmp_path / "archive.tar"
     charged: list[int] = []
     broken = Recorder(real, flaky=100, reads=2)
@@ -211,7 +214,7 @@ def test_download_starts_over_for_a_different_etag(
     dest = tmp_path / "archive.tar"
     (tmp_path / "archive.tar.part").write_bytes(b"stale bytes of an older upload")
     (tmp_path / "archive.tar.etag").write_text('"older-etag"')
-    opener = Recorder(s3_range_opener(s3_client, s3_bucket, KEY, head.etag))
+    opener = Recorder(s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag))
     digest = download_to_file(
         opener, head, dest, describe=describe(s3_bucket), charge=lambda n: None
     )
@@ -227,7 +230,7 @@ def test_download_disk_errors_are_transient(
     def disk_full(_n: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    opener = s3_range_opener(s3_client, s3_bucket, KEY, head.etag)
+    opener = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
     with pytest.raises(TransientError, match=r"writing archive\.tar failed: No space left"):
         download_to_file(
             opener, head, tmp_path / "archive.tar", describe=describe(s3_bucket), charge=disk_full

@@ -12,6 +12,7 @@ import pytest
 
 from stagerd.errors import PermanentError
 from stagerd.retry import RetryPolicy
+from stagerd.s3.boto import BotoStore
 from stagerd.s3.client import get_s3_client
 from stagerd.s3.multipart import (
     PART_SIZE_META,
@@ -33,9 +34,8 @@ def _file(tmp_path: Path, size: int, name: str = "a.tar") -> Path:
 
 
 def _target(settings: Any, client: Any = None) -> UploadTarget:
-    return UploadTarget(
-        client or get_s3_client(settings), settings.s3_bucket, KEY, settings.s3_endpoint
-    )
+    store = BotoStore(client or get_s3_client(settings), settings.s3_endpoint)
+    return UploadTarget(store, settings.s3_bucket, KEY)
 
 
 def _opts(**kw: Any) -> UploadOptions:

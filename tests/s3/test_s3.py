@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stagerd.config.settings import Settings
-from stagerd.s3.client import describe_client_error, get_s3_client
+from stagerd.s3.boto import describe_client_error
+from stagerd.s3.client import get_s3_client
 
 
 @pytest.mark.parametrize("s3_server", ["seaweedfs", "moto"], indirect=True)

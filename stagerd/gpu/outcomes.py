@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from stagerd.gpu.health import WorkerHealth
     from stagerd.metrics import Metrics
     from stagerd.queue.redis_queue import Delivery, ReliableQueue
+    from stagerd.s3.store import ObjectStore
     from stagerd.scratch.space import ScratchManager
 
 T = TypeVar("T")
@@ -73,7 +74,7 @@ class BatchEndings:
         queue: ReliableQueue,
         ledger: Ledger,
         scratch: ScratchManager,
-        s3: Any,
+        s3: ObjectStore,
         metrics: Metrics | None = None,
         guard: ShutdownGuard | None = None,
         health: WorkerHealth | None = None,

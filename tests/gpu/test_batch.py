@@ -258,7 +258,7 @@ class Harness:
 def _harness(
     settings: Any, database_url: str, ledger: db.Ledger | None = None, **policies: Any
 ) -> Iterator[Harness]:
-    from stagerd.s3.client import get_s3_client
+    from stagerd.s3.boto import BotoStore
 
     db.migrate(database_url)
     queue = ReliableQueue.from_settings(settings)
@@ -279,7 +279,7 @@ def _harness(
         queue=queue,
         ledger=ledger or db.Ledger(database_url, policy=FAST),
         scratch=ScratchManager.from_settings(settings),
-        s3=get_s3_client(settings),
+        s3=BotoStore.from_settings(settings),
     )
     try:
         yield Harness(steps, InFlight(), threading.BoundedSemaphore(1), queue.keys, queue.client)

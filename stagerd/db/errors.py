@@ -43,6 +43,16 @@ def refused_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def db_errors(*also: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """What a ledger call can raise untranslated when PostgreSQL (not stagerd) is at fault:
+    psycopg's errors and the socket errors it lets through, plus *also*. Roles catch this
+    tuple, so they never name psycopg's classes: ``except db_errors(StagerdError) as exc``.
+    Never raises."""
+    import psycopg
+
+    return (psycopg.Error, OSError, *also)
+
+
 def translate(exc: BaseException) -> StagerdError | None:
     """*exc* as stagerd's error (see the module docstring), or None to let it pass."""
     import psycopg

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from stagerd.db.commit import claim_for_commit, copy_results
 from stagerd.db.errors import is_db_transient, translate
 from stagerd.db.pg import CLI_POLICY, DB_POLICY, connect
+from stagerd.db.reconcile import MAX_LEASE
 from stagerd.db.recovery import requeue_stale_batches
 from stagerd.db.rows import BATCH_COLUMNS, STATES, BatchRow, FailureRow
 from stagerd.db.schema import Migration, load_migrations, migrate, pending_migrations
@@ -163,7 +164,7 @@ class Ledger:
         """The newest lease token the ledger holds (the floor for Redis's epoch)."""
         row = self._run(
             "ledger read",
-            lambda c: c.execute("SELECT coalesce(max(lease), 0) FROM stagerd_batches").fetchone(),
+            lambda c: c.execute(MAX_LEASE).fetchone(),
         )
         return int(row[0]) if row else 0
 

@@ -22,42 +22,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from stagerd.errors import ConfigError, InvalidBatchId, StagerdError, first_line
 from stagerd.ids import digest_key, validate_batch_id
-from stagerd.job import Job, loads_untrusted
+from stagerd.job import Job
 from stagerd.log import get_logger
 from stagerd.queue.keys import QueueKeys
 
 if TYPE_CHECKING:
-    import redis
-
     from stagerd.config.settings import Settings
+    from stagerd.queue.redis_queue import RedisClient
     from stagerd.s3.store import ObjectStore
 
 log = get_logger(__name__)
 ARCHIVE_PREFIX = "archives/"
-
-# KEYS: pending, dead. ARGV: processing-list SCAN pattern.
-# Every payload in every list, read atomically.
-_SNAPSHOT = """
-local out = {}
-for _, key in ipairs(KEYS) do
-  for _, raw in ipairs(redis.call('LRANGE', key, 0, -1)) do table.insert(out, raw) end
-end
-local cursor = '0'
-repeat
-  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
-  cursor = page[1]
-  for _, key in ipairs(page[2]) do
-    if redis.call('TYPE', key)['ok'] == 'list' then
-      for _, raw in ipairs(redis.call('LRANGE', key, 0, -1)) do table.insert(out, raw) end
-    end
-  end
-until cursor == '0'
-return out
-"""
 
 
 class LedgerNotMigrated(StagerdError):
@@ -103,22 +82,22 @@ def reconcile(
     options: ReconcileOptions,
     *,
     s3: ObjectStore,
-    client: redis.Redis,
+    client: RedisClient,
     clock: Callable[[], float] = time.time,
 ) -> ReconcileReport:
-    """One pass. Raises ConfigError without DATABASE_URL; service errors propagate."""
+    """One pass. Raises ConfigError without DATABASE_URL or S3, LedgerNotMigrated;
+    service errors propagate."""
+    from stagerd.db.reconcile import batch_states
+    from stagerd.queue.snapshot import queued_batch_ids
+
     if not settings.database_url:
         raise ConfigError("DATABASE_URL: not set (reconcile reads the ledger's done batches)")
     bucket = settings.require_s3().bucket
     keys = QueueKeys(settings.queue)
-    if not _ledger_migrated(settings.database_url):
-        raise LedgerNotMigrated(
-            "the ledger is not migrated (run stagerd db migrate, or check DATABASE_URL): "
-            "nothing says which batches are done, so nothing was re-enqueued"
-        )
+    _require_migrated(settings.database_url)
     archives = list_archives(s3, bucket)
-    queued = queued_batches(client, keys)
-    states = _ledger_states(settings.database_url, [a.batch_id for a in archives])
+    queued = queued_batch_ids(client, keys)
+    states = batch_states(settings.database_url, [a.batch_id for a in archives])
     reenqueued, young, settled = [], [], 0
     now = clock()
     for archive in archives:
@@ -141,25 +120,28 @@ def reconcile(
         reenqueued.append(archive.batch_id)
     if not options.dry_run:
         _raise_epoch(client, keys, settings.database_url)
-    if reenqueued:
-        log.warning(
-            "reconcile: %s %d lost batch(es): %s",
-            "would re-enqueue" if options.dry_run else "re-enqueued",
-            len(reenqueued),
-            ", ".join(reenqueued),
-            extra={"event": "reconcile_reenqueued"},
-        )
+    _log_reenqueued(reenqueued, dry_run=options.dry_run)
     in_queues = sum(1 for a in archives if a.batch_id in queued)
     return ReconcileReport(len(archives), in_queues, settled, reenqueued, young)
 
 
+def _log_reenqueued(reenqueued: list[str], *, dry_run: bool) -> None:
+    if reenqueued:
+        log.warning(
+            "reconcile: %s %d lost batch(es): %s",
+            "would re-enqueue" if dry_run else "re-enqueued",
+            len(reenqueued),
+            ", ".join(reenqueued),
+            extra={"event": "reconcile_reenqueued"},
+        )
+
+
 def run_reconcile(settings: Settings, options: ReconcileOptions) -> ReconcileReport:
     """Connect and run one pass; every service failure becomes one ServiceUnavailable."""
-    import psycopg
-    import redis as redis_lib
-
     from stagerd.config.settings import redact_url
+    from stagerd.db.errors import db_errors
     from stagerd.errors import PermanentError, ServiceUnavailable, TransientError
+    from stagerd.queue.errors import queue_errors
     from stagerd.queue.redis_queue import connect
     from stagerd.s3.boto import BotoStore
 
@@ -169,10 +151,10 @@ def run_reconcile(settings: Settings, options: ReconcileOptions) -> ReconcileRep
         return reconcile(settings, options, s3=BotoStore.from_settings(s3), client=client)
     except (TransientError, PermanentError) as exc:  # the store's, already one line
         raise ServiceUnavailable(str(exc)) from None
-    except (redis_lib.RedisError, OSError) as exc:
+    except queue_errors() as exc:  # before db_errors(): an OSError is Redis's, as it was
         where = redact_url(settings.redis_url)
         raise ServiceUnavailable(f"Redis at {where} unreachable: {exc}") from None
-    except psycopg.Error as exc:
+    except db_errors() as exc:
         first = first_line(exc)
         raise ServiceUnavailable(f"ledger: {first} (did `stagerd db migrate` run?)") from None
     finally:
@@ -196,47 +178,21 @@ def list_archives(s3: ObjectStore, bucket: str) -> list[Archive]:
     return found
 
 
-def queued_batches(client: redis.Redis, keys: QueueKeys) -> set[str]:
-    """Batch ids of every job in any list of the queue (one atomic read)."""
-    from stagerd.queue.redis_queue import glob_escape
-
-    pattern = glob_escape(keys.processing("")) + "*"
-    raws = cast(list[bytes], client.eval(_SNAPSHOT, 2, keys.pending, keys.dead, pattern))
-    ids = set()
-    for raw in raws:
-        try:
-            data = loads_untrusted(raw)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            # Dead-letter envelopes carry the batch id too.
-            batch = data.get("batch_id")
-            if isinstance(batch, str):
-                ids.add(batch)
-    return ids
-
-
-def _ledger_migrated(database_url: str) -> bool:
+def _require_migrated(database_url: str) -> None:
+    """Raise LedgerNotMigrated unless the ledger's schema exists."""
     from stagerd.db.ledger import Ledger
     from stagerd.db.pg import CLI_POLICY
 
     ledger = Ledger(database_url, policy=CLI_POLICY)
     try:
-        return ledger.schema_ready()
+        ready = ledger.schema_ready()
     finally:
         ledger.close()
-
-
-def _ledger_states(database_url: str, batch_ids: list[str]) -> dict[str, str]:
-    from stagerd.db.pg import CLI_POLICY, connect
-
-    if not batch_ids:
-        return {}
-    with connect(database_url, policy=CLI_POLICY) as conn:
-        rows = conn.execute(
-            "SELECT batch_id, state FROM stagerd_batches WHERE batch_id = ANY(%s)", (batch_ids,)
-        ).fetchall()
-    return {row[0]: row[1] for row in rows}
+    if not ready:
+        raise LedgerNotMigrated(
+            "the ledger is not migrated (run stagerd db migrate, or check DATABASE_URL): "
+            "nothing says which batches are done, so nothing was re-enqueued"
+        )
 
 
 def _digest_record(s3: ObjectStore, bucket: str, archive: Archive) -> dict[str, Any]:
@@ -265,20 +221,18 @@ def _job(archive: Archive, record: dict[str, Any]) -> Job:
     )
 
 
-def _enqueue(client: redis.Redis, keys: QueueKeys, job: Job) -> None:
+def _enqueue(client: RedisClient, keys: QueueKeys, job: Job) -> None:
     from stagerd.queue.redis_queue import enqueue_once
 
     # force: the enqueued marker may have survived while the job itself was lost.
     enqueue_once(client, keys, job, force=True)
 
 
-def _raise_epoch(client: redis.Redis, keys: QueueKeys, database_url: str) -> None:
+def _raise_epoch(client: RedisClient, keys: QueueKeys, database_url: str) -> None:
     """After a Redis loss the lease counter restarts low: raise it past the ledger's."""
-    from stagerd.db.pg import CLI_POLICY, connect
+    from stagerd.db.reconcile import max_lease
 
-    with connect(database_url, policy=CLI_POLICY) as conn:
-        row = conn.execute("SELECT coalesce(max(lease), 0) FROM stagerd_batches").fetchone()
-    floor = int(row[0]) if row else 0
+    floor = max_lease(database_url)
     if floor:
         from stagerd.queue.redis_queue import raise_epoch
 

@@ -33,15 +33,16 @@ from typing import TYPE_CHECKING, Any
 from stagerd.config.settings import redact_url
 from stagerd.errors import ConfigError, StagerdError, first_line
 from stagerd.log import get_logger
+from stagerd.queue import clusterlock
+from stagerd.queue.errors import queue_errors
 from stagerd.queue.keys import QueueKeys
 from stagerd.scratch.locks import FileLock
 from stagerd.scratch.space import ScratchManager
 from stagerd.scratch.sweep import check_scratch_root, sweep_scratch
 
 if TYPE_CHECKING:
-    import redis
-
     from stagerd.config.settings import Settings
+    from stagerd.queue.redis_queue import RedisClient
     from stagerd.s3.store import ObjectStore
 
 log = get_logger(__name__)
@@ -49,10 +50,6 @@ log = get_logger(__name__)
 ARCHIVE_PREFIX = "archives/"
 # The cluster lock outlives a normal run by far; it only matters if a janitor dies holding it.
 CLUSTER_LOCK_TTL = 600.0
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -212,18 +209,16 @@ def _cluster_parts(
 @contextmanager
 def _cluster_lock(
     settings: Settings, keys: QueueKeys, report: JanitorReport
-) -> Iterator[tuple[redis.Redis | None, bool]]:
+) -> Iterator[tuple[RedisClient | None, bool]]:
     """(client, acquired); client is None when Redis cannot be reached (reported)."""
-    import redis as redis_lib
+    from stagerd.queue.redis_queue import connect_plain
 
     token = uuid.uuid4().hex
-    client: redis.Redis | None = None
+    client: RedisClient | None = None
     try:
-        client = redis_lib.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_timeout=30
-        )
-        got = bool(client.set(keys.janitor_lock, token, nx=True, px=int(CLUSTER_LOCK_TTL * 1000)))
-    except (redis_lib.RedisError, OSError) as exc:
+        client = connect_plain(settings.redis_url)
+        got = clusterlock.acquire(client, keys.janitor_lock, token, CLUSTER_LOCK_TTL)
+    except queue_errors() as exc:
         report.fail("queue", f"redis at {redact_url(settings.redis_url)} unreachable: {exc}")
         yield None, False
         return
@@ -232,14 +227,14 @@ def _cluster_lock(
     finally:
         if got:
             try:
-                client.eval(_RELEASE_LOCK, 1, keys.janitor_lock, token)
-            except (redis_lib.RedisError, OSError) as exc:
+                clusterlock.release(client, keys.janitor_lock, token)
+            except queue_errors() as exc:
                 log.warning(f"janitor: could not release the cluster lock (expires anyway): {exc}")
         client.close()
 
 
 def _queue_part(
-    client: redis.Redis | None,
+    client: RedisClient | None,
     keys: QueueKeys,
     settings: Settings,
     options: JanitorOptions,
@@ -248,15 +243,13 @@ def _queue_part(
     """Requeue or dead-letter orphaned jobs; the dead workers, None if this part failed."""
     if client is None:
         return None
-    import redis as redis_lib
-
     from stagerd.queue.orphans import recover_orphans
 
     try:
         recovered = recover_orphans(
             client, keys, max_attempts=settings.max_attempts, dry_run=options.dry_run
         )
-    except (redis_lib.RedisError, OSError, StagerdError) as exc:
+    except queue_errors(StagerdError) as exc:
         report.fail("queue", f"orphan recovery: {exc}")
         return None
     report.requeued_jobs = recovered.requeued
@@ -338,21 +331,20 @@ def _ledger_part(
     if options.dry_run:
         log.info(f"janitor: dry run: would mark batches of {', '.join(dead_workers)} requeued")
         return
-    import psycopg
-
+    from stagerd.db.errors import db_errors
     from stagerd.db.ledger import requeue_stale_batches
 
     try:
         report.ledger_requeued = requeue_stale_batches(
             settings.database_url, dead_workers, report.dead_lettered
         )
-    except (psycopg.Error, OSError, StagerdError) as exc:
+    except db_errors(StagerdError) as exc:
         first = first_line(exc)
         report.fail("ledger", f"postgres: {first}")
 
 
 def _reconcile_part(
-    settings: Settings, options: JanitorOptions, client: redis.Redis, report: JanitorReport
+    settings: Settings, options: JanitorOptions, client: RedisClient, report: JanitorReport
 ) -> None:
     if not settings.database_url:
         report.skip("reconcile", "DATABASE_URL not set")
@@ -362,9 +354,7 @@ def _reconcile_part(
     except ConfigError as exc:
         report.skip("reconcile", str(exc))
         return
-    import psycopg
-    import redis as redis_lib
-
+    from stagerd.db.errors import db_errors
     from stagerd.janitor.reconcile import LedgerNotMigrated, ReconcileOptions, reconcile
     from stagerd.s3.boto import BotoStore
 
@@ -375,7 +365,7 @@ def _reconcile_part(
         )
     except LedgerNotMigrated as exc:
         report.skip("reconcile", str(exc))
-    except (redis_lib.RedisError, psycopg.Error, OSError, StagerdError) as exc:
+    except queue_errors(*db_errors(), StagerdError) as exc:
         report.fail("reconcile", first_line(exc))
     else:
         report.reenqueued = done.reenqueued

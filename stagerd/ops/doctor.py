@@ -180,16 +180,14 @@ def _checksum_mode(settings: Settings, bucket: str) -> Check:
 
 
 def check_redis(settings: Settings) -> Check:
-    import redis
-
+    from stagerd.queue.errors import queue_errors
+    from stagerd.queue.health import queue_depth
     from stagerd.queue.redis_queue import connect
 
     where = redact_url(settings.redis_url)
     try:
-        client = connect(settings.redis_url, retries=1)
-        client.ping()
-        depth = client.llen(settings.queue)
-    except (redis.RedisError, OSError) as exc:
+        depth = queue_depth(connect(settings.redis_url, retries=1), settings.queue)
+    except queue_errors() as exc:
         return Check(
             "redis", False, f"cannot reach {where}: {exc}", "check REDIS_URL and the network"
         )
@@ -204,14 +202,13 @@ REDIS_PERSISTENCE_HINT = (
 
 def check_redis_persistence(settings: Settings) -> Check:
     """Warn when Redis keeps nothing across a restart: the queue would vanish with it."""
-    import redis
-
+    from stagerd.queue.errors import queue_errors
+    from stagerd.queue.health import persistence
     from stagerd.queue.redis_queue import connect
 
     try:
-        client = connect(settings.redis_url, retries=1)
-        aof, save = _redis_persistence(client)
-    except (redis.RedisError, OSError) as exc:
+        aof, save = persistence(connect(settings.redis_url, retries=1))
+    except queue_errors() as exc:
         return Check("redis.persist", True, f"cannot tell ({exc})", REDIS_PERSISTENCE_HINT, True)
     if aof:
         return Check("redis.persist", True, "append-only file enabled")
@@ -228,29 +225,14 @@ def check_redis_persistence(settings: Settings) -> Check:
     )
 
 
-def _redis_persistence(client: object) -> tuple[bool, str]:
-    """(AOF on, the ``save`` setting); INFO where CONFIG is not allowed (managed Redis)."""
-    import redis
-
-    assert isinstance(client, redis.Redis)
-    try:
-        config = client.config_get("appendonly")
-        save = client.config_get("save").get("save", "")
-        return config.get("appendonly") == "yes", str(save)
-    except redis.ResponseError:
-        info = client.info("persistence")
-        return bool(int(info.get("aof_enabled", 0))), ""
-
-
 def check_postgres(settings: Settings) -> Check:
-    import psycopg
-
+    from stagerd.db.errors import db_errors
     from stagerd.db.schema import pending_migrations
 
     url = settings.require_database()
     try:
         pending = pending_migrations(url)
-    except (psycopg.Error, OSError) as exc:
+    except db_errors() as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Check(
             "postgres", False, f"cannot use {redact_url(url)}: {detail}", "check DATABASE_URL"

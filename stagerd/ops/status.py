@@ -22,11 +22,10 @@ if TYPE_CHECKING:
 
 def collect(settings: Settings, *, failures: int = 10) -> dict[str, Any]:
     """The whole status as one JSON-ready dict."""
-    import psycopg
-    import redis as redis_lib
-
     from stagerd.config.settings import redact_url
+    from stagerd.db.errors import db_errors
     from stagerd.errors import StagerdError
+    from stagerd.queue.errors import queue_errors
     from stagerd.queue.redis_queue import connect
     from stagerd.queue.snapshot import queue_snapshot
 
@@ -37,7 +36,7 @@ def collect(settings: Settings, *, failures: int = 10) -> dict[str, Any]:
         snapshot = queue_snapshot(connect(settings.redis_url, retries=1), QueueKeys(settings.queue))
         out["queue"] = queue_section(snapshot)
         out["workers"] = worker_section(snapshot, now)
-    except (redis_lib.RedisError, OSError) as exc:
+    except queue_errors() as exc:
         errors.append(f"redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
     try:
         out["scratch"] = scratch_section(settings)
@@ -46,7 +45,7 @@ def collect(settings: Settings, *, failures: int = 10) -> dict[str, Any]:
     if settings.database_url:
         try:
             out["recent_failures"] = failures_section(settings.database_url, failures)
-        except (psycopg.Error, OSError, StagerdError) as exc:
+        except db_errors(StagerdError) as exc:
             errors.append(f"postgres: {type(exc).__name__}: {first_line(exc)}")
     out["errors"] = errors
     return out

@@ -37,3 +37,13 @@ def is_transient_redis(exc: BaseException) -> bool:
     import redis
 
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
+def queue_errors(*also: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """What a Redis call can raise when the service (not stagerd) is at fault: redis-py's
+    errors and the socket errors it lets through, plus *also*. Roles catch this tuple, so
+    they never name redis-py's classes: ``except queue_errors(StagerdError) as exc``.
+    Never raises."""
+    import redis
+
+    return (redis.RedisError, OSError, *also)

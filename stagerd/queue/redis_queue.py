@@ -47,9 +47,14 @@ from stagerd.queue.keys import QueueKeys
 from stagerd.recovery import decide
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     import redis
 
     from stagerd.config.settings import Settings
+
+    # The client type roles annotate with, so that only this edge imports redis-py.
+    RedisClient: TypeAlias = redis.Redis
 
 log = get_logger(__name__)
 
@@ -89,6 +94,15 @@ def connect(url: str, *, retries: int = REDIS_RETRIES) -> redis.Redis:
     except ValueError:
         # redis-py's message may quote the URL; the variable's name is enough to act on.
         raise ConfigError("REDIS_URL: redis-py cannot parse it") from None
+
+
+def connect_plain(url: str) -> redis.Redis:
+    """A client with redis-py's own retry defaults and the janitor's timeouts (5 s to
+    connect, 30 s per command): the janitor's one client for its cluster parts. Raises
+    ValueError for an unparsable *url*, and :func:`~stagerd.queue.errors.queue_errors`."""
+    import redis as redis_lib
+
+    return redis_lib.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
 
 
 def utc_now() -> str:

@@ -1,4 +1,6 @@
-"""The queue's Lua scripts: the atomic executors of every transition between its lists.
+"""The queue's Lua scripts: the atomic executors of every transition between its lists,
+the one atomic read of all of them (``SNAPSHOT_LISTS``, for reconcile) and the release of
+the janitor's cluster lock. No Lua lives outside this module.
 
 Each script first removes the payload from the list it expects it in and acts only if it
 was there, so two parties racing over one job can never both act. The decisions the
@@ -94,4 +96,34 @@ if ARGV[4] ~= '1' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then retur
 redis.call('RPUSH', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
+"""
+
+# KEYS: the lists to read (pending, dead). ARGV: the processing lists' SCAN pattern.
+# Every payload in every list, read in one script: a job moving between two lists (a
+# pickup, a requeue) is seen exactly once. Keys of another type matching the pattern
+# are skipped.
+SNAPSHOT_LISTS = """
+local out = {}
+for _, key in ipairs(KEYS) do
+  for _, raw in ipairs(redis.call('LRANGE', key, 0, -1)) do table.insert(out, raw) end
+end
+local cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    if redis.call('TYPE', key)['ok'] == 'list' then
+      for _, raw in ipairs(redis.call('LRANGE', key, 0, -1)) do table.insert(out, raw) end
+    end
+  end
+until cursor == '0'
+return out
+"""
+
+# KEYS: the lock key. ARGV: the holder's token.
+# Compare-and-delete: a holder whose lock expired and was taken by another must not
+# delete the new holder's key.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """

@@ -1,8 +1,10 @@
-"""A read-only snapshot of one queue for ``stagerd status``: depths, workers, in-flight jobs.
+"""Read-only snapshots of one queue: for ``stagerd status`` (depths, workers, in-flight
+jobs) and for reconcile (the batch ids of every job in any list).
 
 The key layout stays behind the queue edge: :mod:`stagerd.ops.status` renders what
-:func:`queue_snapshot` returns and never reads a Redis key itself. The snapshot is not
+:func:`queue_snapshot` returns and never reads a Redis key itself. That snapshot is not
 atomic (a job may move between two reads); it is what an operator's glance needs.
+:func:`queued_batch_ids` is atomic (one script): reconcile must not miss a moving job.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from stagerd.job import loads_untrusted
+from stagerd.queue import scripts
 from stagerd.queue.keys import QueueKeys
-from stagerd.queue.redis_queue import processing_owners
+from stagerd.queue.redis_queue import glob_escape, processing_owners
 
 if TYPE_CHECKING:
     import redis
@@ -93,3 +96,25 @@ def _worker(client: redis.Redis, keys: QueueKeys, worker: str) -> WorkerSnapshot
     return WorkerSnapshot(
         id=worker, heartbeat_ttl_ms=None if ttl is None else int(ttl), in_flight=tuple(jobs)
     )
+
+
+def queued_batch_ids(client: redis.Redis, keys: QueueKeys) -> set[str]:
+    """Batch ids of every job in any list of the queue (pending, dead-letter, every
+    processing list), read in one script. Payloads that do not parse are skipped. Raises
+    :func:`~stagerd.queue.errors.queue_errors`."""
+    pattern = glob_escape(keys.processing("")) + "*"
+    raws = cast(
+        list[bytes], client.eval(scripts.SNAPSHOT_LISTS, 2, keys.pending, keys.dead, pattern)
+    )
+    ids = set()
+    for raw in raws:
+        try:
+            data = loads_untrusted(raw)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            # Dead-letter envelopes carry the batch id too.
+            batch = data.get("batch_id")
+            if isinstance(batch, str):
+                ids.add(batch)
+    return ids

@@ -37,9 +37,8 @@ from stagerd.retry import RetryPolicy
 from stagerd.s3.client import get_s3_client
 
 if TYPE_CHECKING:
-    import redis
-
     from stagerd.progress import Progress
+    from stagerd.queue.redis_queue import RedisClient
     from stagerd.s3.multipart import UploadOptions, UploadResult, UploadTarget
     from stagerd.s3.store import ObjectStore
 
@@ -97,7 +96,7 @@ class Connections:
 
     s3: S3Settings
     store: ObjectStore
-    redis: redis.Redis | None
+    redis: RedisClient | None
 
     @classmethod
     def open(cls, settings: Settings, *, enqueue: bool = True) -> Connections:
@@ -204,7 +203,7 @@ def _upload_options(
 
 
 def _enqueue_and_record(
-    redis_client: redis.Redis,
+    redis_client: RedisClient,
     store: ObjectStore,
     settings: Settings,
     request: TransferRequest,
@@ -328,15 +327,14 @@ def _file_count(path: Path, given: int | None) -> int:
     return summary.file_count if given is None else given
 
 
-def _connect_redis(settings: Settings) -> redis.Redis:
-    import redis as redis_lib
-
+def _connect_redis(settings: Settings) -> RedisClient:
+    from stagerd.queue.errors import queue_errors
     from stagerd.queue.redis_queue import connect
 
     client = connect(settings.redis_url)
     try:
         client.ping()
-    except (redis_lib.RedisError, OSError) as exc:
+    except queue_errors() as exc:
         raise ServiceUnavailable(
             f"Redis at {redact_url(settings.redis_url)} unreachable: {exc}"
         ) from None
@@ -351,14 +349,13 @@ def _probe_bucket(store: ObjectStore, s3: S3Settings) -> None:
         raise ServiceUnavailable(str(exc)) from None
 
 
-def _enqueue(client: redis.Redis, settings: Settings, job: Job, *, force: bool) -> bool:
-    import redis as redis_lib
-
+def _enqueue(client: RedisClient, settings: Settings, job: Job, *, force: bool) -> bool:
+    from stagerd.queue.errors import queue_errors
     from stagerd.queue.redis_queue import enqueue_once
 
     try:
         pushed = enqueue_once(client, QueueKeys(settings.queue), job, force=force)
-    except (redis_lib.RedisError, OSError) as exc:
+    except queue_errors() as exc:
         raise ServiceUnavailable(
             f"Redis at {redact_url(settings.redis_url)} unreachable while enqueuing "
             f"{job.batch_id} (the archive is uploaded; rerun to enqueue): {exc}"

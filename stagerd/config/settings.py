@@ -67,7 +67,9 @@ class Settings:
     s3_ca_bundle: str | None = None
     s3_checksum: str = "when_required"
     s3_retry_mode: str = "standard"
-    s3_max_attempts: int = 5
+    # botocore's own attempts per request: kept small under stagerd's policy, which knows how
+    # to resume (a range, a part) and backs off with a total cap (see stagerd.s3.store).
+    s3_max_attempts: int = 2
     s3_connect_timeout: float = 10.0
     s3_read_timeout: float = 60.0
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)

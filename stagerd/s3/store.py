@@ -17,10 +17,13 @@ the endpoint and the server's own code and message (never a credential):
   403 (retrying with the same credentials cannot succeed; see ``stagerd.s3.boto``).
 
 Retries. A store call is one logical request: it makes at most ``S3_MAX_ATTEMPTS``
-(``STAGERD_S3_MAX_ATTEMPTS``, default 5) HTTP attempts, botocore's own retries. stagerd's
+(``STAGERD_S3_MAX_ATTEMPTS``, default 2) HTTP attempts, botocore's own retries. stagerd's
 :class:`~stagerd.retry.RetryPolicy` is applied by the caller around a call (the caller
 knows how to rewind a body or where a range resumes), so one operation makes at most
-``policy.attempts * S3_MAX_ATTEMPTS`` HTTP attempts.
+``policy.attempts * S3_MAX_ATTEMPTS`` HTTP attempts: a part upload under the transfer's
+default policy (8 attempts) at most 16, where botocore's 5 under it made 40. botocore keeps
+2, not 1, so a connection the server closed between requests (a stale keep-alive socket)
+costs a retry inside the call rather than a back-off of the policy.
 
 Idempotence. Reads and lists are safe. :meth:`put` and :meth:`upload_part` may be
 repeated (the last write wins, same bytes give the same object or part).

@@ -111,10 +111,10 @@ class _Uploader:
     def run(self) -> UploadResult:
         if not self.opts.force:
             done = self._existing_object()
+            if done is None and self.opts.keep_existing:
+                done = self._refuse_if_present()
             if done is not None:
                 return done
-            if self.opts.keep_existing:
-                self._refuse_if_present()
         if len(self.parts) == 1 and self.state.size <= SINGLE_PUT_MAX:
             return self._put_whole()
         for _ in range(VANISHED_ROUNDS - 1):
@@ -169,11 +169,18 @@ class _Uploader:
         self.progress.advance(self.state.size)
         return self._result(sha256, etag, self.state.size, (nparts, part_size), complete=True)
 
-    def _refuse_if_present(self) -> None:
-        """Batch ids are immutable: an object that is not this file is never overwritten."""
+    def _refuse_if_present(self) -> UploadResult | None:
+        """Batch ids are immutable: an object that is not this file is never overwritten.
+
+        None when there is no object. An object that appeared since the first look may be a
+        concurrent run of this very file finishing (three transfers of one archive at once
+        is a tested case): it is verified again and accepted if it is this file."""
         head = self._head()
         if head is None:
-            return
+            return None
+        done = self._existing_object()
+        if done is not None:
+            return done
         raise BatchIdReused(
             f"batch id already holds a different archive: s3://{self.t.bucket}/{self.t.key} is "
             f"{head.size} bytes and differs from {self.path} "

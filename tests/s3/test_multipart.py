@@ -332,3 +332,66 @@ def test_upload_vanishing_between_list_and_list_parts_starts_over(
     assert result.size == path.stat().st_size and result.resumed_bytes == 0
     assert _object(s3_client, bucket) == path.read_bytes()
     assert created not in [u["UploadId"] for u in _uploads(s3_client, bucket)]
+
+
+def test_keep_existing_accepts_this_file_completed_by_a_concurrent_run(
+    settings: Any, tmp_path: Path, s3_client: Any, s3_bucket: str
+) -> None:
+    """Found by a fresh-clone run (three concurrent `transfer upload` of one archive): the
+    object was absent at the first look and present at the refusal check, because another
+    run of the same file had just completed it, and the upload was refused as "a different
+    archive". The interleaving is forced here: a real upload of the same file completes
+    between the two looks."""
+    path = _file(tmp_path, 12 * MiB)
+    target = _target(settings)
+    looks = 0
+
+    class RacingStore:
+        """The real store; after the first HEAD (not found), a concurrent run completes."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(target.store, name)
+
+        def head(self, bucket: str, key: str) -> Any:
+            nonlocal looks
+            looks += 1
+            try:
+                return target.store.head(bucket, key)
+            finally:
+                if looks == 1:
+                    upload_file(target, path, _opts())
+
+    racing = UploadTarget(RacingStore(), target.bucket, target.key)  # type: ignore[arg-type]
+    result = upload_file(racing, path, _opts(keep_existing=True))
+    assert result.already_complete and result.uploaded_bytes == 0
+    assert _object(s3_client, s3_bucket) == path.read_bytes()
+    assert looks >= 2
+
+
+def test_keep_existing_still_refuses_another_file_that_appears_meanwhile(
+    settings: Any, tmp_path: Path, s3_client: Any, s3_bucket: str
+) -> None:
+    from stagerd.errors import BatchIdReused
+
+    path = _file(tmp_path, 12 * MiB)
+    other = _file(tmp_path, 12 * MiB, "other.tar")
+    target = _target(settings)
+    looks = 0
+
+    class RacingStore:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(target.store, name)
+
+        def head(self, bucket: str, key: str) -> Any:
+            nonlocal looks
+            looks += 1
+            try:
+                return target.store.head(bucket, key)
+            finally:
+                if looks == 1:
+                    upload_file(target, other, _opts())
+
+    racing = UploadTarget(RacingStore(), target.bucket, target.key)  # type: ignore[arg-type]
+    with pytest.raises(BatchIdReused, match="different archive"):
+        upload_file(racing, path, _opts(keep_existing=True))
+    assert _object(s3_client, s3_bucket) == other.read_bytes()

@@ -8,8 +8,8 @@ Contract of :func:`upload_file`:
   part verified by MD5 == ETag before it is skipped. S3 is the only state: nothing local is
   needed to resume, so a crash, reboot or another host can pick the upload up.
 - Never completes an object whose bytes differ from the file: a listed part that does not
-  match makes the stale upload be aborted and started clean, and a file that changes
-  during the upload (size/mtime/inode) aborts it.
+  match is re-sent (the verified ones are kept), an upload with more parts than the file is
+  aborted, and a file that changes during the upload (size/mtime/inode) aborts it.
 - Small files (one part, at most ``SINGLE_PUT_MAX``) go up in one PutObject with
   Content-MD5, whose ETag is checked against the bytes read: two requests instead of six,
   which is what makes a stream of tiny batches fast. They need no resume.
@@ -149,8 +149,6 @@ class _Uploader:
             self._abort(upload_id)
             return self._upload(None, {})
 
-    # -- the object already there -------------------------------------------------------
-
     def _existing_object(self) -> UploadResult | None:
         head = self._head()
         if head is None or head.size != self.state.size:
@@ -171,10 +169,8 @@ class _Uploader:
 
     def _refuse_if_present(self) -> UploadResult | None:
         """Batch ids are immutable: an object that is not this file is never overwritten.
-
-        None when there is no object. An object that appeared since the first look may be a
-        concurrent run of this very file finishing (three transfers of one archive at once
-        is a tested case): it is verified again and accepted if it is this file."""
+        One that appeared since the first look may be a concurrent run of this very file
+        finishing: verified again, it is accepted if it is this file. None: no object."""
         head = self._head()
         if head is None:
             return None
@@ -224,8 +220,6 @@ class _Uploader:
         self.progress.advance(self.state.size)
         return self._result(hashlib.sha256(data).hexdigest(), etag, 0)
 
-    # -- finding an interrupted upload --------------------------------------------------
-
     def _find_resumable(self) -> tuple[str | None, dict[int, PartInfo]]:
         def newest() -> UploadInfo | None:
             uploads = self.t.store.list_uploads(self.t.bucket, self.t.key)
@@ -252,8 +246,6 @@ class _Uploader:
             extra={"upload_id": upload_id},
         )
         return upload_id, listed
-
-    # -- the upload itself --------------------------------------------------------------
 
     def _upload(self, upload_id: str | None, listed: dict[int, PartInfo]) -> UploadResult:
         if any(n > len(self.parts) for n in listed):
@@ -283,13 +275,16 @@ class _Uploader:
                 for part in self.parts:
                     have = listed.get(part.number)
                     md5 = hasher.read_part(part, md5=have is not None)
-                    if have is not None:
-                        if have.size != part.length or have.etag != md5:
-                            raise StaleUpload(f"part {part.number} differs from the file")
+                    if have is not None and have.size == part.length and have.etag == md5:
                         etags[part.number] = have.etag
                         resumed += part.length
                         self.progress.advance(part.length)
                         continue
+                    if have is not None:
+                        # Listed but not this file's bytes (a body cut mid-flight that the
+                        # server kept, as moto does; another file's upload): re-sent under
+                        # its number, which replaces it. Every kept part is verified.
+                        log.info("part %d does not match the file: re-sending it", part.number)
                     self._wait_for_slot(slots, pending, etags)
                     pending.add(pool.submit(self._send_part, upload_id, part, cancel, slots))
                 sha256 = hasher.sha256()
@@ -378,8 +373,6 @@ class _Uploader:
             "AbortMultipartUpload",
             lambda: self.t.store.abort_multipart(self.t.bucket, self.t.key, upload_id),
         )
-
-    # -- cross-cutting ------------------------------------------------------------------
 
     def _result(
         self, sha256: str, etag: str, resumed: int, layout: tuple[int, int] | None = None,

@@ -395,3 +395,27 @@ def test_keep_existing_still_refuses_another_file_that_appears_meanwhile(
     with pytest.raises(BatchIdReused, match="different archive"):
         upload_file(racing, path, _opts(keep_existing=True))
     assert _object(s3_client, s3_bucket) == other.read_bytes()
+
+
+def test_a_listed_part_that_does_not_match_is_resent_and_the_others_kept(
+    settings: Any, s3_client: Any, tmp_path: Path
+) -> None:
+    """Found by a fresh-clone run on moto: after a SIGKILL through a throttling proxy the
+    server kept a part that was not the file's bytes, and the whole upload (every verified
+    part with it) was aborted and sent again. Only that part is sent again now."""
+    path = _file(tmp_path, 12 * MiB)
+    data = path.read_bytes()
+    bucket = settings.s3_bucket
+    upload = s3_client.create_multipart_upload(
+        Bucket=bucket, Key=KEY, Metadata={"stagerd-part-size": str(5 * MiB)}
+    )["UploadId"]
+    s3_client.upload_part(
+        Bucket=bucket, Key=KEY, UploadId=upload, PartNumber=1, Body=data[: 5 * MiB]
+    )
+    s3_client.upload_part(  # right size, wrong bytes
+        Bucket=bucket, Key=KEY, UploadId=upload, PartNumber=2, Body=os.urandom(5 * MiB)
+    )
+    result = upload_file(_target(settings), path, _opts())
+    assert result.resumed_bytes == 5 * MiB and result.uploaded_bytes == 7 * MiB
+    assert _object(s3_client, bucket) == data
+    assert _uploads(s3_client, bucket) == []

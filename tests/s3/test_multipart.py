@@ -334,6 +334,33 @@ def test_upload_vanishing_between_list_and_list_parts_starts_over(
     assert created not in [u["UploadId"] for u in _uploads(s3_client, bucket)]
 
 
+class _RacingStore:
+    """The real store, but right after the first HEAD a concurrent run uploads *racer*:
+    the interleaving in which another transfer completes between the uploader's looks."""
+
+    def __init__(self, target: UploadTarget, racer: Path) -> None:
+        self._target = target
+        self._racer = racer
+        self.looks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target.store, name)
+
+    def head(self, bucket: str, key: str) -> Any:
+        self.looks += 1
+        try:
+            return self._target.store.head(bucket, key)
+        finally:
+            if self.looks == 1:
+                upload_file(self._target, self._racer, _opts())
+
+
+def _racing(settings: Any, racer: Path) -> tuple[UploadTarget, _RacingStore]:
+    target = _target(settings)
+    store = _RacingStore(target, racer)
+    return UploadTarget(store, target.bucket, target.key), store  # type: ignore[arg-type]
+
+
 def test_keep_existing_accepts_this_file_completed_by_a_concurrent_run(
     settings: Any, tmp_path: Path, s3_client: Any, s3_bucket: str
 ) -> None:
@@ -343,29 +370,11 @@ def test_keep_existing_accepts_this_file_completed_by_a_concurrent_run(
     archive". The interleaving is forced here: a real upload of the same file completes
     between the two looks."""
     path = _file(tmp_path, 12 * MiB)
-    target = _target(settings)
-    looks = 0
-
-    class RacingStore:
-        """The real store; after the first HEAD (not found), a concurrent run completes."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(target.store, name)
-
-        def head(self, bucket: str, key: str) -> Any:
-            nonlocal looks
-            looks += 1
-            try:
-                return target.store.head(bucket, key)
-            finally:
-                if looks == 1:
-                    upload_file(target, path, _opts())
-
-    racing = UploadTarget(RacingStore(), target.bucket, target.key)  # type: ignore[arg-type]
+    racing, store = _racing(settings, path)
     result = upload_file(racing, path, _opts(keep_existing=True))
     assert result.already_complete and result.uploaded_bytes == 0
     assert _object(s3_client, s3_bucket) == path.read_bytes()
-    assert looks >= 2
+    assert store.looks >= 2
 
 
 def test_keep_existing_still_refuses_another_file_that_appears_meanwhile(
@@ -375,23 +384,7 @@ def test_keep_existing_still_refuses_another_file_that_appears_meanwhile(
 
     path = _file(tmp_path, 12 * MiB)
     other = _file(tmp_path, 12 * MiB, "other.tar")
-    target = _target(settings)
-    looks = 0
-
-    class RacingStore:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(target.store, name)
-
-        def head(self, bucket: str, key: str) -> Any:
-            nonlocal looks
-            looks += 1
-            try:
-                return target.store.head(bucket, key)
-            finally:
-                if looks == 1:
-                    upload_file(target, other, _opts())
-
-    racing = UploadTarget(RacingStore(), target.bucket, target.key)  # type: ignore[arg-type]
+    racing, _ = _racing(settings, other)
     with pytest.raises(BatchIdReused, match="different archive"):
         upload_file(racing, path, _opts(keep_existing=True))
     assert _object(s3_client, s3_bucket) == other.read_bytes()

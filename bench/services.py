@@ -93,18 +93,28 @@ def listening_pids(port: int) -> list[int]:
             # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
                 inodes.add(f"socket:[{fields[9]}]")
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    procs = (e.name for e in os.scandir("/proc") if e.name.isdigit())
+    return sorted(int(pid) for pid in procs if _holds(pid, inodes))
+
+
+def _holds(pid: str, inodes: set[str]) -> bool:
+    """Whether process *pid* has one of *inodes* open.
+
+    Each fd is read on its own: a busy server (weed opens and closes connections all the
+    time) loses fds between the listing and the readlink, and one vanished fd must not hide
+    the whole process (it did: the run then reported no server CPU at all).
+    """
+    try:
+        fds = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+    for fd in fds:
         try:
-            fds = os.scandir(f"/proc/{entry.name}/fd")
-            found = any(os.readlink(fd.path) in inodes for fd in fds)
+            if os.readlink(fd.path) in inodes:
+                return True
         except OSError:
             continue
-        if found:
-            pids.append(int(entry.name))
-    return sorted(pids)
+    return False
 
 
 def server_pids(target: S3Target) -> tuple[int, ...]:

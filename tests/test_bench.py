@@ -83,6 +83,31 @@ def test_listening_pids_finds_the_server_of_a_port() -> None:
     assert services.listening_pids(port) == []
 
 
+def test_listening_pids_survives_an_fd_that_vanishes_mid_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy server closes fds between the listing and the readlink: the fds that vanish
+    are skipped, the process holding the socket is still found (one vanished fd used to
+    hide the whole server, and the run reported no server CPU)."""
+    real = os.readlink
+    vanished: list[str] = []
+
+    def flaky(path: str) -> str:
+        target = real(path)
+        # The first other fd of this process vanishes (never the socket itself).
+        if path.startswith(f"/proc/{os.getpid()}/fd/") and not vanished and "socket" not in target:
+            vanished.append(path)
+            raise FileNotFoundError(path)
+        return target
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        monkeypatch.setattr(os, "readlink", flaky)
+        assert services.listening_pids(s.getsockname()[1]) == [os.getpid()]
+    assert vanished, "the fake never fired: the test proved nothing"
+
+
 def _result(name: str, seconds: float, cpu: float, role: str) -> ContenderResult:
     sample = Sample(seconds=seconds, peak_rss=1, cpu_seconds=cpu, server_cpu_seconds=cpu / 2)
     return ContenderResult(name, role == "stagerd", [sample], None, role)

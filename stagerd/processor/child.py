@@ -102,15 +102,22 @@ class Child:
         self, deadline: float, stop: threading.Event | None, guard: Guard | None = None
     ) -> int | None:
         """The exit status, or None if *deadline* passed, *stop* was set or *guard* gave a
-        reason (kept in :attr:`contained`) first."""
+        reason (kept in :attr:`contained`) first.
+
+        A processor that already exited is asked first: its finished work counts even when
+        *stop* was set meanwhile (a worker paused past its lease finds both at once, and the
+        results it keeps spare the batch's next owner a second GPU run)."""
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (stop is not None and stop.is_set()):
-                return None
             if guard is not None:
                 self.contained = guard()
                 if self.contained is not None:
                     return None
+            status = self.proc.poll()
+            if status is not None:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (stop is not None and stop.is_set()):
+                return None
             try:
                 return self.proc.wait(timeout=min(remaining, _POLL))
             except subprocess.TimeoutExpired:

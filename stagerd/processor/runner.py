@@ -345,21 +345,28 @@ class PersistentProcessor:
     ) -> dict[str, Any]:
         batch_id = req.batch_id
         while True:
-            if stop is not None and stop.is_set():
-                self._discard()
-                raise ProcessorFailed(f"processor for batch {batch_id} killed: shutting down")
             contained = req.guard() if req.guard is not None else None
             if contained is not None:
                 self._discard(grace=0.0)
                 raise ProcessorContained(f"processor for batch {batch_id} stopped: {contained}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._discard()
-                raise ProcessorFailed(f"processor for batch {batch_id} timed out")
+            # An answer already given counts even if *stop* was set meanwhile (see
+            # _Child.wait): only then is a stop or the deadline a reason to give up.
             try:
-                answer = self._answers.get(timeout=min(remaining, _POLL))
+                answer = self._answers.get_nowait()
             except queue.Empty:
-                continue
+                if stop is not None and stop.is_set():
+                    self._discard()
+                    raise ProcessorFailed(
+                        f"processor for batch {batch_id} killed: shutting down"
+                    ) from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._discard()
+                    raise ProcessorFailed(f"processor for batch {batch_id} timed out") from None
+                try:
+                    answer = self._answers.get(timeout=min(remaining, _POLL))
+                except queue.Empty:
+                    continue
             if answer is None:
                 status = self._child.proc.returncode if self._child else None
                 self._discard()

@@ -318,3 +318,39 @@ def test_persistent_child_env_has_no_secrets(tmp_path: Path) -> None:
         proc.close()
     assert "S3_SECRET_KEY" not in result["env"] and "DATABASE_URL" not in result["env"]
     assert result["env"]["STAGERD_PROCESSOR_MODE"] == "persistent"
+
+
+def test_a_child_that_already_exited_counts_even_when_stop_was_set(tmp_path: Path) -> None:
+    """A worker paused past its lease resumes to find its processor finished *and* its stop
+    set: the exit status wins, so the finished results can be kept for the next owner."""
+    from stagerd.processor.child import Child
+    from stagerd.processor.outputcap import OutputCap
+
+    output = OutputCap("b1")
+    child = Child(["/bin/sh", "-c", "exit 0"], env=dict(os.environ), cwd=tmp_path,
+                  output=output, grace=1.0)  # fmt: skip
+    try:
+        # Until the reaper has exited, without reaping it (WNOWAIT): wait() still sees it.
+        os.waitid(os.P_PID, child.proc.pid, os.WEXITED | os.WNOWAIT)
+        stop = threading.Event()
+        stop.set()
+        assert child.wait(time.monotonic() + 60, stop) == 0
+    finally:
+        child.reap()
+        output.finish()
+
+
+def test_a_running_child_is_given_up_when_stop_is_set(tmp_path: Path) -> None:
+    from stagerd.processor.child import Child
+    from stagerd.processor.outputcap import OutputCap
+
+    output = OutputCap("b1")
+    child = Child(["/bin/sh", "-c", "exec sleep 300"], env=dict(os.environ), cwd=tmp_path,
+                  output=output, grace=1.0)  # fmt: skip
+    try:
+        stop = threading.Event()
+        stop.set()
+        assert child.wait(time.monotonic() + 60, stop) is None
+    finally:
+        child.kill(0.0)
+        output.finish()

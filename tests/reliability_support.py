@@ -25,6 +25,23 @@ def counting_processor(runs: Path, *args: str) -> str:
     return f"sh -c {shlex.quote(script)}"
 
 
+def start_end_processor(runs: Path, *args: str) -> str:
+    """A STAGERD_PROCESSOR that appends ``start ID`` to *runs*, runs wavinfo, and appends
+    ``end ID`` when it succeeded: started and completed runs, counted apart."""
+    quoted = shlex.quote(str(runs))
+    script = (
+        f'echo "start $STAGERD_BATCH_ID" >> {quoted}; {WAVINFO} {" ".join(args)}; rc=$?; '
+        f'[ $rc -eq 0 ] && echo "end $STAGERD_BATCH_ID" >> {quoted}; exit $rc'
+    )
+    return f"sh -c {shlex.quote(script)}"
+
+
+def run_lines(runs: Path, kind: str) -> list[str]:
+    """The batch ids of *runs* lines of *kind* ("start" or "end"; see start_end_processor)."""
+    lines = runs.read_text().splitlines() if runs.exists() else []
+    return [line.split()[1] for line in lines if line.startswith(kind + " ")]
+
+
 def processor_runs(runs: Path) -> list[str]:
     return runs.read_text().split() if runs.exists() else []
 

@@ -77,8 +77,10 @@ def commit_and_ack(
             fence=staged.fence,
         )
     except LeaseLost as exc:
-        steps.abandon(d, str(exc))
-        batch.end("abandoned")
+        # Fenced: not ours to commit, but the results (and their marker) are complete:
+        # kept for the batch's next owner on this host to adopt (see _run_processor).
+        steps.abandon(d, f"{exc}; its finished results kept on scratch")
+        batch.end("abandoned", keep=True)
         return
     except ServiceUnavailable:
         # Out of retry budget or shutting down: the results stay on scratch and the

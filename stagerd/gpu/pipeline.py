@@ -85,6 +85,8 @@ class BatchSteps(BatchEndings):
         batch.delivery = claimed
         fence = batch.hold(Fence(stop))
         resumed = adopt_processed(self, batch, job)
+        if resumed is None and self._wait_for_holder(job, fence):
+            resumed = adopt_processed(self, batch, job)
         if resumed is not None:
             return resumed
         head = self._head(job, fence)
@@ -200,6 +202,24 @@ class BatchSteps(BatchEndings):
             self._record(batch_id, reason, "died", d, died.phase, attempt=died.attempt)
         return died
 
+    def _wait_for_holder(self, job: Job, stop: threading.Event) -> bool:
+        """A live process on this host still holds the batch's dir: typically its previous
+        owner, paused past its lease, whose processor may have finished meanwhile. Wait for
+        it to let go (it abandons at once when it resumes) so its finished results can be
+        adopted rather than deleted by a fresh reservation; True if there was a holder."""
+        if not self.scratch.is_locked(self.scratch.batch_dir(job.batch_id)):
+            return False
+        log.warning(
+            "batch %s: its scratch dir is held by another live process on this host (a"
+            " previous owner paused past its lease?); waiting up to %.0fs for it to let go,"
+            " to adopt any finished results",
+            job.batch_id,
+            self.config.reserve_timeout,
+            extra={"batch_id": job.batch_id, "event": "scratch_dir_held"},
+        )
+        self.scratch.wait_released(job.batch_id, timeout=self.config.reserve_timeout, stop=stop)
+        return True
+
     def _head(self, job: Job, stop: threading.Event) -> ArchiveHead:
         """Size and ETag of the archive: the reservation's size and the staging's pin."""
         from stagerd.gpu.stage import head_archive
@@ -297,11 +317,15 @@ class BatchSteps(BatchEndings):
             ),
         )
         outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
-        if fence.lost:
-            self.abandon(d, "lease lost while processing")
-            staged.batch.end("abandoned")
-            return None
+        # The processor finished: its results are good whoever commits them.
         mark_processed(path, self.config.worker_id, staged.result, outcome)
+        if fence.lost:
+            # Paused past the lease, we may not commit; the results stay on scratch, where
+            # the batch's next owner on this host adopts them instead of a second GPU run
+            # (it waits for our lock; elsewhere the janitor removes them once it is done).
+            self.abandon(d, "lease lost while processing; its finished results kept on scratch")
+            staged.batch.end("abandoned", keep=True)
+            return None
         return outcome
 
 

@@ -197,6 +197,20 @@ class ScratchManager:
         """The janitor's rule: would a non-blocking exclusive flock on *path* fail now?"""
         return _is_locked(path)
 
+    def wait_released(
+        self, batch_id: str, *, timeout: float, stop: threading.Event | None = None
+    ) -> bool:
+        """Wait until no live process holds ``root/{batch_id}/`` (a predecessor on this host
+        still ending the batch); True if one did. Raises ScratchUnavailable on *timeout* or
+        *stop*. Changes nothing: the caller then adopts or reserves the dir."""
+        path = self.batch_dir(batch_id)
+        if not _is_locked(path):
+            return False
+        waiter = Waiter(f"take over the scratch dir of {batch_id}", timeout, stop)
+        while _is_locked(path):
+            waiter.wait("another live process on this host holds it", self._poll)
+        return True
+
     def reserve(
         self,
         batch_id: str,

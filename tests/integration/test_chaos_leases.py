@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import shlex
 import signal
 import time
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from stagerd.db import ledger as db
 from stagerd.queue.keys import QueueKeys
 from stagerd.queue.redis_queue import processing_owners
 from stagerd.scratch.records import RecordStore
-from tests.reliability_support import Proc
-from tests.worker_support import WAVINFO, make_tar, put_batch, scratch_leftovers, wait_for
+from tests.reliability_support import Proc, run_lines, start_end_processor
+from tests.worker_support import make_tar, put_batch, scratch_leftovers, wait_for
 
 FILES = 2
 TTL = 2.0
@@ -52,16 +51,6 @@ class Plan:
 
 SHORT = Plan(batches=12, workers=2, kills=4, stops=2, deadline=240)
 FULL = Plan(batches=50, workers=3, kills=20, stops=5, deadline=900)
-
-
-def _processor(runs: Path) -> str:
-    """Counts started and completed runs (a completed run may still be cut off later)."""
-    quoted = shlex.quote(str(runs))
-    script = (
-        f'echo "start $STAGERD_BATCH_ID" >> {quoted}; {WAVINFO} --sleep 0.5; rc=$?; '
-        f'[ $rc -eq 0 ] && echo "end $STAGERD_BATCH_ID" >> {quoted}; exit $rc'
-    )
-    return f"sh -c {shlex.quote(script)}"
 
 
 def _run_cli(env: dict[str, str], logs: Path, name: str, *args: str) -> dict[str, Any]:
@@ -188,9 +177,8 @@ def _chaos(
     fleet.stop_all()
     _run_cli(env, logs, "janitor-final", "janitor", "--json", "--min-age", "0")
 
-    runs = (tmp_path / "runs").read_text().split("\n")
-    starts = sum(1 for r in runs if r.startswith("start "))
-    ends = sum(1 for r in runs if r.startswith("end "))
+    starts = len(run_lines(tmp_path / "runs", "start"))
+    ends = len(run_lines(tmp_path / "runs", "end"))
     print(
         f"chaos: {plan.batches} batches, processor runs started {starts}, completed {ends}, "
         f"seed {seed}, {time.monotonic() - started:.0f}s"
@@ -247,7 +235,7 @@ def test_chaos_with_stalls_and_data_loss_loses_and_duplicates_nothing(
             "REDIS_URL": redis_srv.url,
             "DATABASE_URL": pg.url,
             "STAGERD_HEARTBEAT_TTL": f"{TTL:g}s",
-            "STAGERD_PROCESSOR": _processor(tmp_path / "runs"),
+            "STAGERD_PROCESSOR": start_end_processor(tmp_path / "runs", "--sleep", "0.5"),
             # Kills are not the batch's fault: an unlucky batch must not run out of attempts.
             "STAGERD_MAX_ATTEMPTS": "100",
         }

@@ -18,7 +18,13 @@ from typing import Any
 
 from stagerd.db import ledger as db
 from stagerd.queue.keys import QueueKeys
-from tests.reliability_support import Proc, counting_processor, processor_runs
+from tests.reliability_support import (
+    Proc,
+    counting_processor,
+    processor_runs,
+    run_lines,
+    start_end_processor,
+)
 from tests.worker_support import make_tar, phases, put_batch, scratch_leftovers, wait_for
 
 TTL = 3.0
@@ -46,7 +52,8 @@ def test_stalled_worker_is_fenced_then_its_next_batch_survives_sigkill(
     keys = QueueKeys(queue_name)
     runs = tmp_path / "runs"
     env = {**stagerd_env, "STAGERD_HEARTBEAT_TTL": f"{TTL:g}s"}
-    slow = {**env, "STAGERD_PROCESSOR": counting_processor(runs, "--sleep", "20")}
+    # Far longer than the test: the stalled worker's processor can only end by being stopped.
+    slow = {**env, "STAGERD_PROCESSOR": counting_processor(runs, "--sleep", "300")}
     # The rescuer is another host: its own scratch (on one host it would wait for the
     # stalled worker's dir lock, which the kernel keeps while the process is stopped).
     other_scratch = tmp_path / "other-scratch"
@@ -93,7 +100,7 @@ def test_stalled_worker_is_fenced_then_its_next_batch_survives_sigkill(
             r.get("batch_id") == "s1" and str(r.get("msg", "")).startswith("batch s1 done")
             for r in stalled.events()
         ), stalled.tail()
-        # Its processor was stopped (it would have slept 20 s): the scratch dir is gone.
+        # Its processor was stopped (it would have slept 300 s): the scratch dir is gone.
         wait_for(lambda: not (scratch_dir / "s1").exists(), 30, "s1 scratch released")
 
         rescuer.signal(signal.SIGTERM)
@@ -145,3 +152,73 @@ def test_stalled_worker_is_fenced_then_its_next_batch_survives_sigkill(
     assert redis_client.llen(keys.processing("w-stall")) == 0
     assert scratch_leftovers(scratch_dir) == []
     assert scratch_leftovers(other_scratch) == []
+
+
+def test_same_host_rescuer_adopts_the_results_a_stalled_worker_finished(
+    stagerd_env: dict[str, str],
+    s3_client: Any,
+    s3_bucket: str,
+    redis_client: Any,
+    queue_name: str,
+    database_url: str,
+    scratch_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A worker paused past its lease while its processor (in a session of its own) runs
+    on and finishes. The worker that takes the batch over on the same host finds the dir
+    still locked by the paused one and waits; resumed, the paused worker is fenced, keeps
+    the finished results and lets go; the rescuer adopts and commits them. The processor
+    ran once: no second GPU run for a pause."""
+    keys = QueueKeys(queue_name)
+    runs = tmp_path / "runs"
+    env = {
+        **stagerd_env,
+        "STAGERD_HEARTBEAT_TTL": f"{TTL:g}s",
+        "STAGERD_PROCESSOR": start_end_processor(runs, "--sleep", "1"),
+    }
+    put_batch(s3_client, redis_client, s3_bucket, queue_name, "s1", make_tar(files=2))
+    stalled = Proc({**env, "STAGERD_WORKER_ID": "w-stall"}, tmp_path / "stall.log", "gpu")
+    rescuer: Proc | None = None
+    try:
+        wait_for(lambda: run_lines(runs, "start") == ["s1"], 60, "s1's processor started")
+        stalled.signal(signal.SIGSTOP)
+        # The processor is not in the worker's process group: it finishes meanwhile.
+        wait_for(lambda: run_lines(runs, "end") == ["s1"], 60, "s1's processor finished")
+        rescuer = Proc({**env, "STAGERD_WORKER_ID": "w-rescue"}, tmp_path / "rescue.log", "gpu")
+        wait_for(lambda: rescuer.has("scratch_dir_held", "s1"), 60, "the rescuer waits")
+        assert getattr(_row(database_url, "s1"), "state", None) != "done"
+        stalled.signal(signal.SIGCONT)
+        wait_for(lambda: stalled.has("lease_abandoned", "s1"), 60, "w-stall abandons s1")
+        wait_for(lambda: rescuer.has("commit_resumed", "s1"), 60, "the rescuer adopts s1")
+        wait_for(
+            lambda: getattr(_row(database_url, "s1"), "state", None) == "done",
+            60,
+            "s1 done",
+            interval=0.5,
+        )
+        for proc in (stalled, rescuer):
+            proc.signal(signal.SIGTERM)
+            assert proc.popen.wait(60) == 0, proc.tail()
+    except AssertionError as exc:
+        logs = "\n".join(f"{p.log.name}:\n{p.tail()}" for p in (stalled, rescuer) if p)
+        raise AssertionError(f"{exc}\n{logs}") from None
+    finally:
+        stalled.kill()
+        if rescuer is not None:
+            rescuer.kill()
+
+    assert run_lines(runs, "start") == ["s1"] and run_lines(runs, "end") == ["s1"]
+    row = _row(database_url, "s1")
+    assert row.state == "done" and row.worker == "w-rescue", row
+    ledger = db.Ledger(database_url)
+    try:
+        assert len(ledger.results("s1")) == 2
+    finally:
+        ledger.close()
+    assert not any(str(r.get("msg", "")).startswith("batch s1 done") for r in stalled.events()), (
+        stalled.tail()
+    )
+    assert redis_client.llen(keys.pending) == 0
+    assert redis_client.llen(keys.processing("w-stall")) == 0
+    assert redis_client.llen(keys.processing("w-rescue")) == 0
+    assert scratch_leftovers(scratch_dir) == []

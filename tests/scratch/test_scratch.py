@@ -372,3 +372,25 @@ def test_reserve_waits_while_someone_holds_a_leftover_dir(scratch_dir: Path) -> 
     threading.Timer(0.2, os.close, args=(fd,)).start()
     with manager(scratch_dir).reserve("b1", 1, timeout=10) as res:
         assert list(res.path.iterdir()) == []
+
+
+def test_wait_released_waits_for_the_holder_and_changes_nothing(scratch_dir: Path) -> None:
+    """A batch's next owner waits for a live holder (its paused predecessor) to let go, and
+    finds the dir as the holder left it: the finished results are there to adopt."""
+    mgr = manager(scratch_dir)
+    assert mgr.wait_released("b1", timeout=0) is False  # no dir: nobody to wait for
+    held = scratch_dir / "b1"
+    held.mkdir()
+    (held / "results.jsonl").write_text("{}\n")
+    assert mgr.wait_released("b1", timeout=0) is False  # a dir nobody holds
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with pytest.raises(ScratchUnavailable, match="another live process"):
+        mgr.wait_released("b1", timeout=0.2)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ScratchUnavailable, match="stopped"):
+        mgr.wait_released("b1", timeout=60, stop=stop)
+    threading.Timer(0.2, os.close, args=(fd,)).start()
+    assert mgr.wait_released("b1", timeout=30) is True
+    assert (held / "results.jsonl").read_text() == "{}\n"

@@ -205,9 +205,12 @@ def test_power_cut_mid_batch_is_done_once_after_boot(deployed: Fleet) -> None:
         g.kill()  # the plug: no shutdown, no sync
         took = g.boot()
         deployed.timings[f"power-cut reboot {g.name}"] = took
-        mount = g.unit("data.mount", "What", "ActiveState", "Options")
-        assert mount["ActiveState"] == "active", mount
-        assert mount["What"] == f"/dev/disk/by-uuid/{uuid}", (mount, uuid)
+        # Mounted from fstab: the unit is fstab-generated, its generated What= is the UUID
+        # path (the live What= shows the resolved /dev/vdb once mounted).
+        mount = g.unit("data.mount", "ActiveState", "SourcePath", "FragmentPath")
+        assert mount["ActiveState"] == "active" and mount["SourcePath"] == "/etc/fstab", mount
+        generated = g.ssh(f"cat {shlex.quote(mount['FragmentPath'])}").stdout
+        assert f"What=/dev/disk/by-uuid/{uuid}" in generated, (mount, generated)
         assert g.ssh("findmnt -n -o SOURCE /data").stdout.strip() == "/dev/vdb"
         assert_done_once(g, batch_id)
         deployed.timings[f"power-cut recovery {g.name}"] = time.monotonic() - t0

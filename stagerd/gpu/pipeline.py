@@ -85,7 +85,10 @@ class BatchSteps(BatchEndings):
         batch.delivery = claimed
         fence = batch.hold(Fence(stop))
         resumed = adopt_processed(self, batch, job)
-        if resumed is None and self._wait_for_holder(job, fence):
+        if resumed is None:
+            # Asked again whether or not a holder is seen now: one that let go since the
+            # first attempt (found locked, or not yet marked) wrote its marker before that.
+            self._wait_for_holder(job, fence)
             resumed = adopt_processed(self, batch, job)
         if resumed is not None:
             return resumed
@@ -206,7 +209,9 @@ class BatchSteps(BatchEndings):
         """A live process on this host still holds the batch's dir: typically its previous
         owner, paused past its lease, whose processor may have finished meanwhile. Wait for
         it to let go (it abandons at once when it resumes) so its finished results can be
-        adopted rather than deleted by a fresh reservation; True if there was a holder."""
+        adopted rather than deleted by a fresh reservation; True if there was a holder.
+        Raises ScratchUnavailable when it does not let go within the reserve timeout or
+        *stop* is set."""
         if not self.scratch.is_locked(self.scratch.batch_dir(job.batch_id)):
             return False
         log.warning(

@@ -420,3 +420,57 @@ def test_hand_back_releases_once_and_refunds_the_attempt(
         attempts = h.redis.hget(h.keys.attempts, "b-back")
         assert attempts in (None, b"0")
     assert _state(database_url, "b-back") == "requeued"
+
+
+def test_a_holder_letting_go_between_the_probes_still_has_its_results_adopted(
+    settings: Any,
+    database_url: str,
+    s3_client: Any,
+    s3_bucket: str,
+    redis_client: Any,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch's previous owner on this host (paused past its lease) holds the dir with
+    its finished results and lets go just after the new owner's first adoption attempt
+    found the dir locked. The new owner must still adopt them, not reserve afresh (which
+    deletes them) and run the processor again: a release is only ever seen after the
+    marker was written, so the adoption is asked again once nobody holds the dir."""
+    import hashlib
+
+    import stagerd.gpu.commit as commit_mod
+    from stagerd.gpu.resume import ProcessedMarker
+
+    body = make_tar()
+    put_batch(s3_client, redis_client, s3_bucket, queue_name, "b-held", body)
+    holder = ScratchManager.from_settings(settings).reserve("b-held", MiB)
+    (holder.path / "results.jsonl").write_text('{"item": "a.wav"}\n{"item": "b.wav"}\n')
+    digest = hashlib.sha256(body).hexdigest()
+    ProcessedMarker("b-held", "w-paused", digest, 1.0, len(body), 100, 2, 0.5).write(holder.path)
+
+    real = commit_mod.find_processed
+    calls: list[bool] = []
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        calls.append(found is not None)
+        if len(calls) == 1:
+            holder.release(remove=False)  # the paused owner resumes, is fenced, lets go
+        return found
+
+    monkeypatch.setattr(commit_mod, "find_processed", racing)
+    with _harness(settings, database_url) as h:
+        processor = _failing_processor()  # a second run would fail the batch
+        try:
+            batch = h.run(processor)
+        finally:
+            processor.close()
+        assert calls[0] is False  # the first attempt met the holder's lock
+        assert batch.outcome == "done", batch.outcome
+        h.assert_all_given_back()
+    assert _state(database_url, "b-held") == "done"
+    ledger = db.Ledger(database_url)
+    try:
+        assert len(ledger.results("b-held")) == 2
+    finally:
+        ledger.close()

@@ -83,6 +83,12 @@ def commit_and_ack(
         batch.end("abandoned", keep=True)
         return
     except ServiceUnavailable:
+        if staged.fence.lost:
+            # Fenced while the commit waited out the outage: as for LeaseLost above, the
+            # batch is another worker's (not this worker's failure to end on).
+            steps.abandon(d, "lease lost while the commit waited; its finished results kept")
+            batch.end("abandoned", keep=True)
+            return
         # Out of retry budget or shutting down: the results stay on scratch and the
         # job in our processing list, for this worker's restart to commit.
         batch.keep = True

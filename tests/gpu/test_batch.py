@@ -474,3 +474,32 @@ def test_a_holder_letting_go_between_the_probes_still_has_its_results_adopted(
         assert len(ledger.results("b-held")) == 2
     finally:
         ledger.close()
+
+
+def test_a_lease_lost_during_a_commit_outage_abandons_and_keeps_the_results(
+    settings: Any, database_url: str, world: Any, releases: list[tuple[str, bool]]
+) -> None:
+    """PostgreSQL down at the commit and, while it retries, the heartbeat finds the lease
+    lost (the worker stalled past it): the batch is another worker's now. It is abandoned
+    with its finished results kept, like a LeaseLost at the commit, and the worker goes
+    on: a lost lease is not the worker's failure (the error used to end the worker)."""
+    world("b-fenced")
+    held: list[Batch] = []
+
+    def lose_the_lease() -> None:
+        assert held[0].fence is not None
+        held[0].fence.set()  # what LeaseBook.check does
+
+    down = PostgresDown(
+        database_url, "commit_results", ServiceUnavailable("PostgreSQL: down"), lose_the_lease
+    )
+    with _harness(settings, database_url, down, commit_retry=30.0) as h:
+        processor = _ok()
+        try:
+            batch = h.run(processor, before_process=held.append)
+        finally:
+            processor.close()
+        assert batch.outcome == "abandoned"
+        assert releases == [("b-fenced", False)]
+        assert (h.steps.scratch.root / "b-fenced" / "processed.json").is_file()
+        h.assert_all_given_back()

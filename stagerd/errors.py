@@ -79,7 +79,9 @@ class ServiceUnavailable(TransientError):
 class LeaseLost(StagerdError):
     """This worker no longer holds the batch: recovery gave it to another worker (its
     heartbeat expired) or a newer lease token reached the ledger first. The batch must be
-    abandoned at once: nothing committed, no queue transition, scratch released."""
+    abandoned at once: nothing committed, no queue transition, scratch released (kept
+    when the processor had already finished: the batch's next owner on this host adopts
+    the results)."""
 
 
 class BatchIdReused(PermanentError):

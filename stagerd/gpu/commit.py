@@ -38,9 +38,10 @@ def result_limits(settings: Settings) -> ResultLimits:
 
 
 def adopt_processed(steps: BatchEndings, batch: Batch, job: Job) -> Staged | None:
-    """This worker's previous run processed the batch but could not commit: adopt its
-    scratch dir into *batch* and go straight to the commit (the processor does not run
-    again). None when there is nothing to resume."""
+    """A previous run on this host processed the batch but did not commit (this worker's,
+    or a dead or fenced worker's: see ProcessedMarker.matches): adopt its scratch dir into
+    *batch* and go straight to the commit (the processor does not run again). None when
+    there is nothing to resume."""
     worker = steps.config.worker_id
     found = find_processed(steps.scratch, job, worker, result_limits(steps.settings))
     if found is None:
@@ -48,7 +49,7 @@ def adopt_processed(steps: BatchEndings, batch: Batch, job: Job) -> Staged | Non
     reservation, result, outcome = found
     batch.own(reservation)
     log.warning(
-        "batch %s was processed by this worker's previous run but not committed: "
+        "batch %s was processed by a previous run on this host but not committed: "
         "committing its results without running the processor again",
         job.batch_id,
         extra={**ctx(batch.delivery), "event": "commit_resumed"},

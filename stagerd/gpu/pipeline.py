@@ -13,7 +13,9 @@ A worker killed outright (SIGKILL, OOM) leaves its phase in the trail
 phase, and dead-letters with that reason once STAGERD_MAX_ATTEMPTS is reached.
 
 A lease lost (:mod:`stagerd.queue.lease`) abandons the batch at once: processor stopped, scratch
-released, nothing committed, no queue or ledger transition (it is another worker's now).
+released, nothing committed, no queue or ledger transition (it is another worker's now). A
+processor that had already finished keeps its results (and their marker) on scratch: the
+batch's next owner on this host waits for the dir and adopts them (:mod:`stagerd.gpu.commit`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ heartbeat TTL) or a newer token claimed it in the ledger. It learns it:
 
 Either way the batch's :class:`Fence` is set: the processor and the staging stream poll it
 like the stop event, so the work stops at once and the pipeline abandons the batch
-(nothing committed, no queue transition, scratch released).
+(nothing committed, no queue transition; scratch released, or kept when the processor
+had already finished, for the batch's next owner on this host to adopt).
 """
 
 from __future__ import annotations

@@ -80,15 +80,13 @@ def commit_and_ack(
     except LeaseLost as exc:
         # Fenced: not ours to commit, but the results (and their marker) are complete:
         # kept for the batch's next owner on this host to adopt (see _run_processor).
-        steps.abandon(d, f"{exc}; its finished results kept on scratch")
-        batch.end("abandoned", keep=True)
+        steps.abandon_keeping_results(batch, str(exc))
         return
     except ServiceUnavailable:
         if staged.fence.lost:
             # Fenced while the commit waited out the outage: as for LeaseLost above, the
             # batch is another worker's (not this worker's failure to end on).
-            steps.abandon(d, "lease lost while the commit waited; its finished results kept")
-            batch.end("abandoned", keep=True)
+            steps.abandon_keeping_results(batch, "lease lost while the commit waited")
             return
         # Out of retry budget or shutting down: the results stay on scratch and the
         # job in our processing list, for this worker's restart to commit.

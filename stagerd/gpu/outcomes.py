@@ -144,6 +144,18 @@ class BatchEndings:
             extra={**ctx(d), "lease": d.lease, "event": "lease_abandoned"},
         )
 
+    def abandon_keeping_results(self, batch: Batch, why: str) -> None:
+        """Lease lost after the processor finished: abandon, but keep the results and their
+        marker (nothing else: the input is dropped) for the batch's next owner on this host
+        to adopt instead of running the processor again. Elsewhere the janitor removes the
+        dir once the batch is done."""
+        from stagerd.gpu.resume import keep_results_only
+
+        self.abandon(batch.delivery, f"{why}; its finished results kept on scratch")
+        if batch.reservation is not None:
+            keep_results_only(batch.reservation.path)
+        batch.end("abandoned", keep=True)
+
     def requeue(self, d: Delivery, reason: str) -> None:
         """Shutdown/prefetch hand-back: to the head of pending, attempt not counted."""
         # Handing a job back is not a failed attempt; keep STAGERD_MAX_ATTEMPTS honest.

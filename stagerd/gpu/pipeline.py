@@ -309,16 +309,16 @@ class BatchSteps(BatchEndings):
     def _run_processor(self, staged: Staged, processor: Processor) -> ProcessOutcome | None:
         """Run the processor and leave the resume marker; None when the lease was lost
         meanwhile (the batch is abandoned). Raises what the processor raised."""
-        from stagerd.gpu.resume import mark_processed
+        from stagerd.gpu.resume import RESULTS, mark_processed
         from stagerd.processor.runner import ProcessRequest
         from stagerd.scratch.diskguard import DiskGuard
 
-        d, path, fence = staged.delivery, staged.reservation.path, staged.fence
+        path, fence = staged.reservation.path, staged.fence
         request = ProcessRequest(
             batch_id=staged.job.batch_id,
             batch_dir=path,
             input_dir=path / "input",
-            results_path=path / "results.jsonl",
+            results_path=path / RESULTS,
             guard=DiskGuard(
                 self.scratch, staged.reservation, self.settings.process_scratch_allowance
             ),
@@ -330,8 +330,7 @@ class BatchSteps(BatchEndings):
             # Paused past the lease, we may not commit; the results stay on scratch, where
             # the batch's next owner on this host adopts them instead of a second GPU run
             # (it waits for our lock; elsewhere the janitor removes them once it is done).
-            self.abandon(d, "lease lost while processing; its finished results kept on scratch")
-            staged.batch.end("abandoned", keep=True)
+            self.abandon_keeping_results(staged.batch, "lease lost while processing")
             return None
         return outcome
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 MARKER = PROCESSED_MARKER
+RESULTS = "results.jsonl"  # the processor's output file, beside the marker
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,32 @@ def mark_processed(path: Path, worker: str, result: StageResult, outcome: Proces
     ).write(path)
 
 
+def keep_results_only(batch_dir: Path) -> int:
+    """Remove everything in *batch_dir* but the results and the marker; bytes freed.
+
+    For a batch kept after its lease was lost: its next owner (on this host, if any) adopts
+    only those two files, and the input (up to the whole archive again) would otherwise sit
+    outside every reservation until the janitor removes the dir. Best effort: a failure
+    leaves more on disk, never less than the results."""
+    from stagerd.scratch.fstree import remove_tree
+
+    freed = 0
+    try:
+        _owner_rwx(batch_dir)
+        fd = os.open(batch_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        device = os.fstat(fd).st_dev
+        for name in os.listdir(fd):
+            if name not in (MARKER, RESULTS):
+                with contextlib.suppress(OSError):
+                    freed += remove_tree(name, fd, device)
+    finally:
+        os.close(fd)
+    return freed
+
+
 def find_processed(
     scratch: ScratchManager, job: Job, worker: str, limits: ResultLimits
 ) -> tuple[Reservation, StageResult, ProcessOutcome] | None:
@@ -139,7 +166,7 @@ def find_processed(
     try:
         # Scanned again (the file is streamed into the commit); the zero-results rule was
         # checked when the processor finished, so an empty input is not asked about here.
-        results = scan_results(path / "results.jsonl", limits, input_empty=True)
+        results = scan_results(path / RESULTS, limits, input_empty=True)
     except StagerdError:
         reservation.release()  # damaged: stage and process afresh
         return None

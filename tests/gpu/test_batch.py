@@ -501,5 +501,7 @@ def test_a_lease_lost_during_a_commit_outage_abandons_and_keeps_the_results(
             processor.close()
         assert batch.outcome == "abandoned"
         assert releases == [("b-fenced", False)]
-        assert (h.steps.scratch.root / "b-fenced" / "processed.json").is_file()
+        # Only what the next owner adopts is kept: the input is not (outside any budget).
+        kept = h.steps.scratch.root / "b-fenced"
+        assert sorted(p.name for p in kept.iterdir()) == ["processed.json", "results.jsonl"]
         h.assert_all_given_back()

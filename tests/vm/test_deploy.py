@@ -132,10 +132,12 @@ def test_batch_done_through_the_unit_janitor_timer_and_tmpfiles(deployed: Fleet)
         assert after["ActiveState"] == "active" and after["StatusText"], after
 
         # The janitor timer fires and runs stagerd-janitor.service through the real unit.
-        # Its schedule is every 15 min with up to 60 s spread; a drop-in makes it fire
-        # within seconds for this check and is removed afterwards.
+        # Its schedule is every 15 min with up to 60 s spread; a drop-in makes it fire once,
+        # seconds after the timer restarts, for this check and is removed afterwards. (Once,
+        # not every few seconds: a janitor run takes ~20 s under TCG, so a repeating timer
+        # keeps the service activating and a poll never sees a run finished.)
         before = g.unit("stagerd-janitor.service", "InvocationID")["InvocationID"]
-        g.put(b"[Timer]\nOnCalendar=\nOnCalendar=*:*:0/10\nRandomizedDelaySec=0\nAccuracySec=1s\n",
+        g.put(b"[Timer]\nOnCalendar=\nOnActiveSec=2s\nRandomizedDelaySec=0\nAccuracySec=1s\n",
               "/run/systemd/system/stagerd-janitor.timer.d/vmtest-now.conf")  # fmt: skip
         g.ssh("systemctl daemon-reload && systemctl restart stagerd-janitor.timer")
         ran = wait_for(

@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,17 @@ class Proc:
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@contextlib.contextmanager
+def watching(procs: list[Proc]) -> Iterator[list[Proc]]:
+    """Every Proc appended to *procs* inside the block is killed when it ends; a failed
+    assertion gets each one's log tail appended (the worker's side of the story)."""
+    try:
+        yield procs
+    except AssertionError as exc:
+        logs = "\n".join(f"{p.log.name}:\n{p.tail()}" for p in procs)
+        raise AssertionError(f"{exc}\n{logs}") from None
+    finally:
+        for proc in procs:
+            proc.kill()

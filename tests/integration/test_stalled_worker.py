@@ -24,6 +24,7 @@ from tests.reliability_support import (
     processor_runs,
     run_lines,
     start_end_processor,
+    watching,
 )
 from tests.worker_support import make_tar, phases, put_batch, scratch_leftovers, wait_for
 
@@ -66,8 +67,7 @@ def test_stalled_worker_is_fenced_then_its_next_batch_survives_sigkill(
     put_batch(s3_client, redis_client, s3_bucket, queue_name, "s1", make_tar(files=2))
 
     stalled = Proc({**slow, "STAGERD_WORKER_ID": "w-stall"}, tmp_path / "stall.log", "gpu")
-    rescuer: Proc | None = None
-    try:
+    with watching([stalled]) as procs:
         wait_for(
             lambda: phases(redis_client, queue_name, "w-stall").get("s1") == "processing",
             60,
@@ -79,6 +79,7 @@ def test_stalled_worker_is_fenced_then_its_next_batch_survives_sigkill(
         stalled.signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         rescuer = Proc({**fast, "STAGERD_WORKER_ID": "w-rescue"}, tmp_path / "rescue.log", "gpu")
+        procs.append(rescuer)
         # Stalled at least 2 x TTL, and until the rescuer has committed s1.
         wait_for(
             lambda: getattr(_row(database_url, "s1"), "state", None) == "done",
@@ -128,14 +129,8 @@ def test_stalled_worker_is_fenced_then_its_next_batch_survives_sigkill(
         rescuer = Proc(
             {**fast, "STAGERD_WORKER_ID": "w-rescue"}, tmp_path / "r2.log", "gpu", "--burst"
         )
+        procs.append(rescuer)
         assert rescuer.popen.wait(120) == 0, rescuer.tail()
-    except AssertionError as exc:
-        logs = "\n".join(f"{p.log.name}:\n{p.tail()}" for p in (stalled, rescuer) if p)
-        raise AssertionError(f"{exc}\n{logs}") from None
-    finally:
-        stalled.kill()
-        if rescuer is not None:
-            rescuer.kill()
 
     for batch in ("s1", "s2"):
         row = _row(database_url, batch)
@@ -178,13 +173,13 @@ def test_same_host_rescuer_adopts_the_results_a_stalled_worker_finished(
     }
     put_batch(s3_client, redis_client, s3_bucket, queue_name, "s1", make_tar(files=2))
     stalled = Proc({**env, "STAGERD_WORKER_ID": "w-stall"}, tmp_path / "stall.log", "gpu")
-    rescuer: Proc | None = None
-    try:
+    with watching([stalled]) as procs:
         wait_for(lambda: run_lines(runs, "start") == ["s1"], 60, "s1's processor started")
         stalled.signal(signal.SIGSTOP)
         # The processor is not in the worker's process group: it finishes meanwhile.
         wait_for(lambda: run_lines(runs, "end") == ["s1"], 60, "s1's processor finished")
         rescuer = Proc({**env, "STAGERD_WORKER_ID": "w-rescue"}, tmp_path / "rescue.log", "gpu")
+        procs.append(rescuer)
         wait_for(lambda: rescuer.has("scratch_dir_held", "s1"), 60, "the rescuer waits")
         assert getattr(_row(database_url, "s1"), "state", None) != "done"
         stalled.signal(signal.SIGCONT)
@@ -199,13 +194,6 @@ def test_same_host_rescuer_adopts_the_results_a_stalled_worker_finished(
         for proc in (stalled, rescuer):
             proc.signal(signal.SIGTERM)
             assert proc.popen.wait(60) == 0, proc.tail()
-    except AssertionError as exc:
-        logs = "\n".join(f"{p.log.name}:\n{p.tail()}" for p in (stalled, rescuer) if p)
-        raise AssertionError(f"{exc}\n{logs}") from None
-    finally:
-        stalled.kill()
-        if rescuer is not None:
-            rescuer.kill()
 
     assert run_lines(runs, "start") == ["s1"] and run_lines(runs, "end") == ["s1"]
     row = _row(database_url, "s1")

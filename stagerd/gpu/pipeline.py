@@ -207,15 +207,15 @@ class BatchSteps(BatchEndings):
             self._record(batch_id, reason, "died", d, died.phase, attempt=died.attempt)
         return died
 
-    def _wait_for_holder(self, job: Job, stop: threading.Event) -> bool:
+    def _wait_for_holder(self, job: Job, stop: threading.Event) -> None:
         """A live process on this host still holds the batch's dir: typically its previous
         owner, paused past its lease, whose processor may have finished meanwhile. Wait for
         it to let go (it abandons at once when it resumes) so its finished results can be
-        adopted rather than deleted by a fresh reservation; True if there was a holder.
+        adopted rather than deleted by a fresh reservation (returns at once without one).
         Raises ScratchUnavailable when it does not let go within the reserve timeout or
         *stop* is set."""
         if not self.scratch.is_locked(self.scratch.batch_dir(job.batch_id)):
-            return False
+            return
         log.warning(
             "batch %s: its scratch dir is held by another live process on this host (a"
             " previous owner paused past its lease?); waiting up to %.0fs for it to let go,"
@@ -225,7 +225,6 @@ class BatchSteps(BatchEndings):
             extra={"batch_id": job.batch_id, "event": "scratch_dir_held"},
         )
         self.scratch.wait_released(job.batch_id, timeout=self.config.reserve_timeout, stop=stop)
-        return True
 
     def _head(self, job: Job, stop: threading.Event) -> ArchiveHead:
         """Size and ETag of the archive: the reservation's size and the staging's pin."""

@@ -350,23 +350,20 @@ class PersistentProcessor:
                 self._discard(grace=0.0)
                 raise ProcessorContained(f"processor for batch {batch_id} stopped: {contained}")
             # An answer already given counts even if *stop* was set meanwhile (see
-            # _Child.wait): only then is a stop or the deadline a reason to give up.
+            # Child.wait): only when none came is a stop or the deadline a reason to give up.
+            remaining = deadline - time.monotonic()
             try:
-                answer = self._answers.get_nowait()
+                answer = self._answers.get(timeout=max(0.0, min(remaining, _POLL)))
             except queue.Empty:
                 if stop is not None and stop.is_set():
                     self._discard()
                     raise ProcessorFailed(
                         f"processor for batch {batch_id} killed: shutting down"
                     ) from None
-                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._discard()
                     raise ProcessorFailed(f"processor for batch {batch_id} timed out") from None
-                try:
-                    answer = self._answers.get(timeout=min(remaining, _POLL))
-                except queue.Empty:
-                    continue
+                continue
             if answer is None:
                 status = self._child.proc.returncode if self._child else None
                 self._discard()

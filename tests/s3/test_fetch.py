@@ -136,6 +136,51 @@ def test_retries_exhausted_surface_as_transient(
         stream.next_view(10)
 
 
+class BrokenHasher:
+    """A hasher that raises on its *n*-th update: a bug in the hashing stage."""
+
+    def __init__(self, n: int) -> None:
+        self._left = n
+
+    def update(self, data: bytes) -> None:
+        self._left -= 1
+        if self._left == 0:
+            raise RuntimeError("hasher bug (injected)")
+
+    def hexdigest(self) -> str:
+        return "0" * 64
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_hashing_stage_fails_the_stream_never_a_short_eof(
+    s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
+) -> None:
+    _, head = blob
+    opener = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
+    with (
+        RangedStream(
+            opener, head.size, describe=describe(s3_bucket), policy=FAST, hasher=BrokenHasher(2)
+        ) as stream,  # fmt: skip
+        pytest.raises(TransientError, match="ended unexpectedly"),
+    ):
+        read_all(stream)
+    # Only what was hashed before the bug reached the consumer.
+    assert stream.consumed == CHUNK
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_fetch_stage_fails_the_stream_never_a_short_eof(s3_bucket: str) -> None:
+    def opener(start: int, end: int) -> Body:
+        raise RuntimeError("fetcher bug (injected)")
+
+    with (
+        RangedStream(opener, 10 * CHUNK, describe=describe(s3_bucket), policy=FAST) as stream,
+        pytest.raises(TransientError, match="ended unexpectedly"),
+    ):
+        read_all(stream)
+    assert stream.consumed == 0
+
+
 def test_replaced_object_fails_if_match_as_transient(
     s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
 ) -> None:

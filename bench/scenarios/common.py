@@ -19,11 +19,15 @@ def run_command(
     cmd: Command,
     *,
     scratch: Sequence[Path] = (),
-    timeout: float = 3600.0,
+    timeout: float = 900.0,
     server: Sequence[int] = (),
 ) -> tuple[Sample, str]:
     """Run *cmd* measured (*server*: the S3 server's pids, see run_measured); a non-zero exit
-    raises RunFailed with the tail of stderr."""
+    raises RunFailed with the tail of stderr.
+
+    The default timeout is far above any contender's 8 GiB run here, and short enough that a
+    hung peer (boto3 ``download_fileobj`` to a pipe hung for 18 min in a full run: s3transfer's
+    non-seekable download path after a retried range) costs one sample, not the run."""
     sample, out, err = run_measured(
         cmd.argv, env=cmd.env, cwd=STAGERD_ROOT, scratch=scratch, timeout=timeout, server=server
     )

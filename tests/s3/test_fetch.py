@@ -164,8 +164,8 @@ def test_a_dead_hashing_stage_fails_the_stream_never_a_short_eof(
         pytest.raises(TransientError, match="ended unexpectedly"),
     ):
         read_all(stream)
-    # Only what was hashed before the bug reached the consumer.
-    assert stream.consumed == CHUNK
+    # Only what was hashed before the bug reached the consumer (the first chunk).
+    assert 0 < stream.consumed < head.size
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

@@ -135,7 +135,7 @@ class RangedStream:
         self._queue: queue.Queue[bytes | StagerdError | None] = queue.Queue(maxsize=depth)
         self._cancel = threading.Event()
         self._fetcher = threading.Thread(target=self._produce, name="stagerd-fetch", daemon=True)
-        self._thread = threading.Thread(target=self._hash, name="stagerd-hash", daemon=True)
+        self._hashing = threading.Thread(target=self._hash, name="stagerd-hash", daemon=True)
         self._chunk = memoryview(b"")
         self._pos = 0
         self._done = False
@@ -143,7 +143,7 @@ class RangedStream:
 
     def __enter__(self) -> RangedStream:
         self._fetcher.start()
-        self._thread.start()
+        self._hashing.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -175,7 +175,7 @@ class RangedStream:
         # Unblock a producer waiting on a full queue. A producer asleep in a retry backoff
         # is left to finish on its own (daemon thread; it closes its body and exits).
         deadline = time.monotonic() + _CLOSE_WAIT
-        for thread, feeds in ((self._thread, self._queue), (self._fetcher, self._fetched)):
+        for thread, feeds in ((self._hashing, self._queue), (self._fetcher, self._fetched)):
             while thread.is_alive() and time.monotonic() < deadline:
                 try:
                     feeds.get_nowait()
@@ -189,11 +189,8 @@ class RangedStream:
             if self._stopping():
                 raise StageInterrupted("staging stopped by shutdown")
             try:
-                item = self._queue.get(timeout=_POLL)
+                item = self._poll(self._queue, self._hashing)
             except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    # An unexpected bug killed the producer (threading.excepthook logged it).
-                    self._error = TransientError("prefetch thread ended unexpectedly")
                 continue
             if isinstance(item, StagerdError):
                 # Kept: every later call fails the same way, never reads as a clean EOF.
@@ -224,17 +221,27 @@ class RangedStream:
         consumer; an error or EOF passes through as it is and ends the stage."""
         while not self._cancel.is_set():
             try:
-                item = self._fetched.get(timeout=_POLL)
+                item = self._poll(self._fetched, self._fetcher)
             except queue.Empty:
-                if not self._fetcher.is_alive() and self._fetched.empty():
-                    # An unexpected bug killed the fetcher (threading.excepthook logged it).
-                    self._put(self._queue, TransientError("prefetch thread ended unexpectedly"))
-                    return
                 continue
             if isinstance(item, bytes):
                 self._hasher.update(item)
             if not self._put(self._queue, item) or not isinstance(item, bytes):
                 return
+
+    @staticmethod
+    def _poll(
+        source: queue.Queue[bytes | StagerdError | None], feeder: threading.Thread
+    ) -> bytes | StagerdError | None:
+        """One bounded wait for the next item of *source* (queue.Empty when none came). A
+        *feeder* that an unexpected bug killed (threading.excepthook logged it) reads as a
+        TransientError, so its reader neither waits forever nor sees a clean EOF."""
+        try:
+            return source.get(timeout=_POLL)
+        except queue.Empty:
+            if not feeder.is_alive() and source.empty():
+                return TransientError(f"staging thread {feeder.name} ended unexpectedly")
+            raise
 
     def _pump(self, end: int) -> None:
         """Read [offset, end] into the queue; a retry re-enters at the offset reached."""

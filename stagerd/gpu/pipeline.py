@@ -308,7 +308,7 @@ class BatchSteps(BatchEndings):
     def _run_processor(self, staged: Staged, processor: Processor) -> ProcessOutcome | None:
         """Run the processor and leave the resume marker; None when the lease was lost
         meanwhile (the batch is abandoned). Raises what the processor raised."""
-        from stagerd.gpu.resume import RESULTS, mark_processed
+        from stagerd.gpu.resume import RESULTS, mark_pending, mark_processed
         from stagerd.processor.runner import ProcessRequest
         from stagerd.scratch.diskguard import DiskGuard
 
@@ -321,6 +321,7 @@ class BatchSteps(BatchEndings):
             guard=DiskGuard(
                 self.scratch, staged.reservation, self.settings.process_scratch_allowance
             ),
+            done_marker=mark_pending(path, self.config.worker_id, staged.result),
         )
         outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
         # The processor finished: its results are good whoever commits them.

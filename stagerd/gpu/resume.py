@@ -1,7 +1,11 @@
 """Processed-but-uncommitted batches: results that outlive a PostgreSQL outage.
 
-After the processor succeeds the worker writes ``root/{batch_id}/processed.json`` next to
-the results file, before it commits. If the commit cannot reach PostgreSQL the worker
+The moment the processor succeeds, ``root/{batch_id}/processed.json`` appears next to the
+results file, before the worker commits: the worker writes it as ``.processed.json.pending``
+before the processor starts, and the processor's reaper renames it when the processor exits
+0 (in persistent mode the worker's stdout reader does, as it reads the answer). So a worker
+killed at any moment after the processor finished leaves the marker: no completed GPU run
+is repeated for a crash. The worker then rewrites it with the measured seconds. If the commit cannot reach PostgreSQL the worker
 retries (``STAGERD_COMMIT_RETRY``) with the directory locked and the reservation held; if
 it exits first (retry budget spent, shutdown, crash) the directory stays on scratch and
 its job stays in the worker's processing list. Whichever worker on this host next takes the
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 MARKER = PROCESSED_MARKER
+PENDING = f".{MARKER}.pending"  # renamed to MARKER when the processor succeeds
 RESULTS = "results.jsonl"  # the processor's output file, beside the marker
 
 
@@ -49,18 +54,30 @@ class ProcessedMarker:
     batch_id: str
     worker: str
     sha256: str
-    process_seconds: float
+    process_seconds: float | None  # None: written before the run (see seconds())
     archive_bytes: int
     extracted_bytes: int
     file_count: int
     stage_seconds: float
+    started_at: float | None = None  # wall clock when the processor started
 
-    def write(self, batch_dir: Path) -> None:
+    def write(self, batch_dir: Path, name: str = MARKER) -> None:
         """Atomically (rename), so a crash never leaves half a marker."""
         _owner_rwx(batch_dir)
         temp = batch_dir / f".{MARKER}.tmp"
         temp.write_text(json.dumps(asdict(self), sort_keys=True), encoding="utf-8")
-        os.replace(temp, batch_dir / MARKER)
+        os.replace(temp, batch_dir / name)
+
+    def seconds(self, batch_dir: Path) -> float:
+        """How long the processor ran. A marker the reaper renamed into place has no
+        measured seconds: its rename (the marker's ctime) is when the processor exited."""
+        if self.process_seconds is not None:
+            return self.process_seconds
+        try:
+            ended = (batch_dir / MARKER).lstat().st_ctime
+        except OSError:
+            return 0.0
+        return max(0.0, ended - (self.started_at or ended))
 
     @classmethod
     def read(cls, batch_dir: Path) -> ProcessedMarker | None:
@@ -70,6 +87,7 @@ class ProcessedMarker:
             if path.is_symlink():
                 return None
             data = json.loads(path.read_text(encoding="utf-8"))
+            data.setdefault("started_at", None)  # a marker from before 0.2's reaper rename
             return cls(**{name: data[name] for name in cls.__dataclass_fields__})
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -103,18 +121,35 @@ def _owner_rwx(batch_dir: Path) -> None:
         os.close(parent_fd)
 
 
-def mark_processed(path: Path, worker: str, result: StageResult, outcome: ProcessOutcome) -> None:
-    """Leave the marker in the batch dir *path*: the results beside it are complete."""
-    ProcessedMarker(
+def _marker(path: Path, worker: str, result: StageResult, seconds: float | None) -> ProcessedMarker:
+    return ProcessedMarker(
         batch_id=path.name,
         worker=worker,
         sha256=result.sha256,
-        process_seconds=outcome.seconds,
+        process_seconds=seconds,
         archive_bytes=result.archive_bytes,
         extracted_bytes=result.extracted_bytes,
         file_count=result.file_count,
         stage_seconds=result.seconds,
-    ).write(path)
+        started_at=time.time(),
+    )
+
+
+def mark_pending(path: Path, worker: str, result: StageResult) -> tuple[str, str] | None:
+    """Before the processor starts: the marker under its pending name, and the renaming
+    the processor's success makes (for :attr:`ProcessRequest.done_marker`). None if it
+    could not be written (then only the worker's own write after the run marks it)."""
+    try:
+        _marker(path, worker, result, None).write(path, PENDING)
+    except OSError as exc:
+        log.warning("batch %s: cannot write the pending resume marker: %s", path.name, exc)
+        return None
+    return PENDING, MARKER
+
+
+def mark_processed(path: Path, worker: str, result: StageResult, outcome: ProcessOutcome) -> None:
+    """Leave the marker in the batch dir *path*: the results beside it are complete."""
+    _marker(path, worker, result, outcome.seconds).write(path)
 
 
 def keep_results_only(batch_dir: Path) -> int:
@@ -177,7 +212,7 @@ def find_processed(
         marker.sha256,
         marker.stage_seconds,
     )
-    return reservation, result, ProcessOutcome(seconds=marker.process_seconds, results=results)
+    return reservation, result, ProcessOutcome(seconds=marker.seconds(path), results=results)
 
 
 def commit_with_retry(

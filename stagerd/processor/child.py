@@ -42,10 +42,11 @@ class Child:
         grace: float,
         on_stdout: Callable[[str], None] | None = None,
         stdin: bool = False,
+        done: tuple[str, str] | None = None,
     ) -> None:
         self.output = output
         self.contained: str | None = None  # why a guard stopped it
-        self.main_pid = self._start(argv, env=env, cwd=cwd, grace=grace, stdin=stdin)
+        self.main_pid = self._start(argv, env=env, cwd=cwd, grace=grace, stdin=stdin, done=done)
         self.last_stderr = ""
         assert self.proc.stdout is not None and self.proc.stderr is not None
         out_handler = on_stdout or (lambda line: self.output.line("stdout", line))
@@ -64,13 +65,14 @@ class Child:
         cwd: Path | None,
         grace: float,
         stdin: bool,
+        done: tuple[str, str] | None,
     ) -> int | None:
         """Start the reaper; the processor's own pid (None if the reaper gave up)."""
         read_end, write_end = os.pipe()
         try:
             with proctree.spawning() as started:
                 self.proc = subprocess.Popen(
-                    proctree.reaper_argv(argv, write_end, grace), cwd=cwd, env=dict(env),
+                    proctree.reaper_argv(argv, write_end, grace, done), cwd=cwd, env=dict(env),
                     start_new_session=True, pass_fds=(write_end,),
                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -37,11 +37,14 @@ _started: set[int] = set()  # reapers this worker started and has not waited for
 _hardened: dict[str, bool] = {"subreaper": False}  # process-wide, like the prctl it mirrors
 
 
-def reaper_argv(argv: list[str], pid_fd: int, grace: float) -> list[str]:
-    """*argv* run below a fresh reaper that reports the processor's pid on *pid_fd*."""
+def reaper_argv(
+    argv: list[str], pid_fd: int, grace: float, done: tuple[str, str] | None = None
+) -> list[str]:
+    """*argv* run below a fresh reaper that reports the processor's pid on *pid_fd* (and,
+    given *done*, renames ``done[0]`` to ``done[1]`` in its cwd when *argv* exits 0)."""
     # -I -S: the reaper needs the stdlib only and must not pick up the processor's paths.
     head = [sys.executable, "-I", "-S", str(REAPER), str(os.getpid()), str(pid_fd)]
-    return [*head, f"{grace:g}", "--", *argv]
+    return [*head, f"{grace:g}", *([":".join(done)] if done else []), "--", *argv]
 
 
 @contextlib.contextmanager

@@ -1,15 +1,22 @@
-"""The per-processor subreaper: ``python -I -S reaper.py WORKER_PID PID_FD GRACE -- CMD...``.
+"""The per-processor subreaper: ``python -I -S reaper.py WORKER_PID PID_FD GRACE [DONE] -- CMD...``.
 
 The worker starts every processor through this small program (stdlib only, so it runs
 from the shiv artifact with ``-I -S``). It marks itself a child subreaper
 (``PR_SET_CHILD_SUBREAPER``), so every process the processor starts, even one that
 double-forks into its own session, stays its descendant; then it forks and execs CMD, writes
-that child's pid to PID_FD, and reaps. It dies with the worker (``PR_SET_PDEATHSIG``).
+that child's pid to PID_FD, and reaps. It dies with the worker (``PR_SET_PDEATHSIG``), and
+kills the whole tree first.
 
 - When CMD exits, every remaining descendant gets SIGKILL, all are reaped, and the reaper
   exits with CMD's status (re-raising its signal), so the batch ends with its whole tree.
 - SIGTERM (the worker stopping the batch) is forwarded to every descendant; whatever is
   left after GRACE seconds gets SIGKILL.
+- DONE (``PENDING:FINAL``, two file names in the reaper's cwd, the batch dir): when CMD
+  exits 0 unasked (no SIGTERM came), the reaper renames PENDING to FINAL before it exits
+  itself. That is the resume marker (:mod:`stagerd.gpu.resume`): the worker learns of the
+  exit only from the reaper's, so however it dies, a finished run is never lost to it.
+  For the same reason the parent-death signal is SIGHUP, not SIGKILL: caught, it kills
+  the tree at once as before, but a reaper whose CMD already exited 0 renames first.
 
 The worker walks the same tree (:mod:`stagerd.processor.proctree`) to end the helpers of a
 persistent processor after each batch while the processor itself lives on.
@@ -77,6 +84,7 @@ def _start(argv: list[str], pid_fd: int) -> int:
     pid = os.fork()
     if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.close(pid_fd)
         try:
             os.execvp(argv[0], argv)
@@ -86,6 +94,21 @@ def _start(argv: list[str], pid_fd: int) -> int:
     os.write(pid_fd, f"{pid}\n".encode())
     os.close(pid_fd)
     return pid
+
+
+def promote(dir_fd: int, pending: str, final: str) -> bool:
+    """Rename *pending* to *final* in the directory *dir_fd*; False if that failed.
+
+    The processor runs as our user and may have taken the owner's write bit off its batch
+    dir: the fd (opened before it ran) gives it back, following no path."""
+    try:
+        mode = os.fstat(dir_fd).st_mode & 0o7777
+        if mode & 0o700 != 0o700:
+            os.chmod(dir_fd, mode | 0o700)
+        os.rename(pending, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        return False  # the worker, if alive, writes the marker itself
+    return True
 
 
 def _wait_for_main(main: int) -> int:
@@ -110,23 +133,32 @@ def _reap_rest() -> None:
 
 
 def main(args: list[str]) -> int:
-    worker, pid_fd, grace, argv = int(args[0]), int(args[1]), float(args[2]), args[4:]
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != worker:  # the worker died before PDEATHSIG was armed
-        return 1
+    worker, pid_fd, grace = int(args[0]), int(args[1]), float(args[2])
+    done, argv = (args[3], args[5:]) if args[3] != "--" else ("", args[4:])
+    asked = []  # a SIGTERM came: an exit 0 after it may be a processor cut short
 
     def on_term(signum: int, frame: object) -> None:
+        asked.append(signum)
         _signal_all(signal.SIGTERM)
         # The grace starts at the first SIGTERM; SIGALRM ends it with SIGKILL for all.
         if signal.getitimer(signal.ITIMER_REAL)[0] == 0:
             signal.setitimer(signal.ITIMER_REAL, max(grace, 0.001))
 
+    # Handlers before the parent-death signal is armed: it may come at once.
     signal.signal(signal.SIGALRM, lambda signum, frame: _signal_all(signal.SIGKILL))
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, lambda signum, frame: _signal_all(signal.SIGKILL))
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+    if os.getppid() != worker:  # the worker died before PDEATHSIG was armed
+        return 1
+    dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY) if done else -1
     status = _wait_for_main(_start(argv, pid_fd))
     signal.setitimer(signal.ITIMER_REAL, 0)
-    _reap_rest()
+    _reap_rest()  # first: nothing of the tree may still write when the marker appears
+    if done and status == 0 and not asked:
+        pending, _, final = done.partition(":")
+        promote(dir_fd, pending, final)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         signal.signal(sig, signal.SIG_DFL)

@@ -68,6 +68,10 @@ class ProcessRequest:
     input_dir: Path
     results_path: Path
     guard: Guard | None = field(default=None, compare=False)
+    # (pending, final) file names in batch_dir: the pending one is renamed to the final one
+    # the moment the processor succeeds, by its reaper (oneshot) or as its answer is read
+    # (persistent), so a worker killed right after cannot lose the fact (gpu.resume).
+    done_marker: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,10 @@ class OneshotProcessor:
             "STAGERD_RESULTS": str(req.results_path),
         }
         output = OutputCap(req.batch_id)
-        child = _Child(self._argv, env=env, cwd=req.batch_dir, output=output, grace=self._grace)
+        child = _Child(
+            self._argv, env=env, cwd=req.batch_dir, output=output, grace=self._grace,
+            done=req.done_marker,
+        )  # fmt: skip
         try:
             status = child.wait(started + timeout, stop, req.guard)
             if status is None:
@@ -201,6 +208,40 @@ class OneshotProcessor:
 
     def close(self) -> None:
         """Nothing outlives a batch in oneshot mode."""
+
+
+class _DoneMarker:
+    """Persistent mode's half of :attr:`ProcessRequest.done_marker`: the batch dir is
+    opened before the request is sent (the processor may change its modes or links
+    after) and the rename happens in the stdout pump, as soon as the answer is read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the fd is used in the pump, closed in run()
+        self._armed: tuple[str, int, tuple[str, str]] | None = None
+
+    def arm(self, req: ProcessRequest) -> None:
+        if req.done_marker is None:
+            return
+        try:
+            fd = os.open(req.batch_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return  # the worker writes the marker itself after the answer
+        with self._lock:
+            self._armed = (req.batch_id, fd, req.done_marker)
+
+    def promote(self, batch_id: object) -> None:
+        from stagerd.processor.reaper import promote
+
+        with self._lock:
+            if self._armed is not None and self._armed[0] == batch_id:
+                _, fd, (pending, final) = self._armed
+                promote(fd, pending, final)
+
+    def disarm(self) -> None:
+        with self._lock:
+            armed, self._armed = self._armed, None
+        if armed is not None:
+            os.close(armed[1])
 
 
 def _not_done(
@@ -241,6 +282,7 @@ class PersistentProcessor:
         self._child: _Child | None = None
         self._answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._output = OutputCap()
+        self._done = _DoneMarker()
 
     @property
     def pid(self) -> int | None:
@@ -257,9 +299,11 @@ class PersistentProcessor:
         self._output.begin(req.batch_id)
         try:
             child = self._ensure_child()
+            self._done.arm(req)
             self._send(child, req)
             answer = self._await(req, started + timeout, stop)
         finally:
+            self._done.disarm()
             self._end_batch()
         if not answer.get("ok"):
             error = str(answer.get("error") or "no reason given")[:300]
@@ -312,6 +356,8 @@ class PersistentProcessor:
         except ValueError:
             obj = None
         if isinstance(obj, dict) and "ok" in obj and "batch_id" in obj:
+            if obj.get("ok") is True:
+                self._done.promote(obj["batch_id"])  # before anyone else learns of it
             answers.put(obj)
         else:
             self._output.line("stdout", line)

@@ -354,3 +354,101 @@ def test_a_running_child_is_given_up_when_stop_is_set(tmp_path: Path) -> None:
     finally:
         child.kill(0.0)
         output.finish()
+
+
+# --- the done marker: renamed the moment the processor succeeds (issue 17) -------------
+
+DONE = (".done.pending", "done")
+
+
+def marked(tmp_path: Path, batch_id: str, files: int = 2) -> ProcessRequest:
+    """A request whose batch dir holds the pending marker the worker writes first."""
+    from dataclasses import replace
+
+    req = replace(batch(tmp_path, batch_id, files=files), done_marker=DONE)
+    (req.batch_dir / DONE[0]).write_text(batch_id)
+    return req
+
+
+def test_oneshot_success_renames_the_marker_through_the_reaper(tmp_path: Path) -> None:
+    req = marked(tmp_path, "d1")
+    # The processor takes its owner's write bit away; the reaper's fd gives it back.
+    proc = make_processor(f"sh -c 'chmod 0555 . && exec {WAVINFO}'", env=ENV)
+    proc.run(req, timeout=30)
+    assert (req.batch_dir / DONE[1]).read_text() == "d1"
+    assert not (req.batch_dir / DONE[0]).exists()
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["exit 1", "trap 'exit 0' TERM; touch started; sleep 60 & wait"],
+    ids=["failed", "stopped-then-exit-0"],
+)
+def test_oneshot_failure_or_a_stopped_run_leaves_the_marker_pending(
+    tmp_path: Path, script: str
+) -> None:
+    """A processor cut short by a stop may exit 0 on its SIGTERM: that is no success."""
+    req = marked(tmp_path, "d2")
+    stop = threading.Event()
+    proc = make_processor(f"sh -c {shlex.quote(script)}", env=ENV, kill_grace=5.0)
+    stopper = threading.Thread(
+        target=lambda: (wait_for_file(req.batch_dir / "started"), stop.set()), daemon=True
+    )
+    stopper.start()
+    with pytest.raises(ProcessorFailed):
+        proc.run(req, timeout=60, stop=stop)
+    stop.set()
+    assert (req.batch_dir / DONE[0]).exists() and not (req.batch_dir / DONE[1]).exists()
+
+
+def wait_for_file(path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_persistent_ok_answer_renames_the_marker_and_a_failure_does_not(tmp_path: Path) -> None:
+    good = persistent()
+    try:
+        req = marked(tmp_path, "d3")
+        good.run(req, timeout=30)
+        assert (req.batch_dir / DONE[1]).read_text() == "d3"
+    finally:
+        good.close()
+    bad = persistent("--fail")
+    try:
+        req = marked(tmp_path, "d4")
+        with pytest.raises(ProcessorFailed):
+            bad.run(req, timeout=30)
+        assert (req.batch_dir / DONE[0]).exists() and not (req.batch_dir / DONE[1]).exists()
+    finally:
+        bad.close()
+
+
+def test_promote_restores_the_write_bit_as_an_unprivileged_user() -> None:
+    """Root's DAC override would hide a missing chmod: run the rename as the user."""
+    import subprocess
+
+    from stagerd.processor import reaper
+    from tests.unpriv import as_user, remove_user_dir, user_dir
+
+    home = user_dir("stagerd-promote-")
+    try:
+        code = (
+            "import importlib.util as u, os, sys\n"
+            f"s = u.spec_from_file_location('reaper', {str(Path(reaper.__file__))!r})\n"
+            "m = u.module_from_spec(s); s.loader.exec_module(m)\n"
+            "d = os.path.join(sys.argv[1], 'batch'); os.mkdir(d)\n"
+            "open(os.path.join(d, 'p'), 'w').close()\n"
+            "fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY); os.chmod(d, 0o500)\n"
+            "print(m.promote(fd, 'p', 'f'), sorted(os.listdir(d)), oct(os.stat(d).st_mode & 0o777))\n"
+        )
+        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        out = subprocess.run(
+            as_user([python, "-I", "-S", "-c", code, str(home)]),
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True", "['f']", "0o700"]
+    finally:
+        remove_user_dir(home)

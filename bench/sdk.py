@@ -10,6 +10,7 @@ tool runs with its own defaults: the question is what an operator gets by reachi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -56,11 +57,53 @@ def obstore_get(key: str) -> None:
     out.flush()
 
 
+STALL = 60.0  # seconds without a byte before the boto3 peer is declared hung
+
+
 def boto3_get(key: str) -> None:
+    """``download_fileobj`` to stdout with boto3's defaults, watched: a transfer that moves
+    no byte for STALL seconds is reported with s3transfer's own error and ended (exit 3).
+
+    Why: with s3transfer 0.19.3 (this lock's), a multipart download to a pipe stops for good
+    after 10 chunks (80 MiB), with no error: the first chunk's done-callback, which
+    schedules the other chunks, sits in the in-memory window's acquire (its size,
+    ``max_in_memory_download_chunks``, is 10 and boto3's TransferConfig does not expose it).
+    Seen every time here, against SeaweedFS and the Swift all-in-one; without the watch the
+    contender sat until the bench's 900 s limit."""
+    import threading
+    import time
+
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+    from s3transfer.subscribers import BaseSubscriber
+
     from bench.naive import get_s3_client
 
-    get_s3_client().download_fileobj(os.environ["S3_BUCKET"], key, sys.stdout.buffer)
-    sys.stdout.buffer.flush()
+    seen = [time.monotonic()]
+
+    class Progress(BaseSubscriber):  # type: ignore[misc]
+        def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+            seen[0] = time.monotonic()
+
+    out = sys.stdout.buffer
+    manager = create_transfer_manager(get_s3_client(), TransferConfig())
+    future = manager.download(os.environ["S3_BUCKET"], key, out, subscribers=[Progress()])
+    done = threading.Event()
+
+    def wait() -> None:
+        with contextlib.suppress(BaseException):  # re-raised by the main thread's result()
+            future.result()
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    while not done.wait(1.0):
+        if time.monotonic() - seen[0] > STALL:
+            why = getattr(getattr(future, "_coordinator", None), "exception", None)
+            print(f"boto3 download_fileobj stalled: no byte for {STALL:.0f}s;"
+                  f" s3transfer's error: {why!r}", file=sys.stderr, flush=True)  # fmt: skip
+            os._exit(3)
+    future.result()  # the transfer's error, if any
+    manager.shutdown()
+    out.flush()
 
 
 def main(argv: list[str]) -> None:

@@ -104,3 +104,16 @@ def watching(procs: list[Proc]) -> Iterator[list[Proc]]:
     finally:
         for proc in procs:
             proc.kill()
+
+
+def assert_done(database_url: str, batch_id: str, results: int) -> None:
+    """The ledger holds *batch_id* as done with *results* result rows."""
+    from stagerd.db import ledger as db
+
+    ledger = db.Ledger(database_url)
+    try:
+        row = ledger.batch(batch_id)
+        assert row is not None and row.state == "done", row
+        assert len(ledger.results(batch_id)) == results
+    finally:
+        ledger.close()

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from stagerd.db import ledger as db
 from stagerd.queue.keys import QueueKeys
-from tests.reliability_support import Proc, counting_processor, processor_runs
+from tests.reliability_support import Proc, assert_done, counting_processor, processor_runs
 from tests.tcpproxy import TcpProxy
 from tests.worker_support import make_tar, phases, put_batch, scratch_leftovers, wait_for
 
@@ -93,13 +92,7 @@ def test_results_outlive_a_postgres_outage_at_commit(
         proxy.stop()
 
     assert processor_runs(runs) == ["pg1"]
-    ledger = db.Ledger(database_url)
-    try:
-        row = ledger.batch("pg1")
-        assert row is not None and row.state == "done", row
-        assert len(ledger.results("pg1")) == 2
-    finally:
-        ledger.close()
+    assert_done(database_url, "pg1", 2)
     assert redis_client.llen(queue_name) == 0
     assert scratch_leftovers(scratch_dir) == []
 

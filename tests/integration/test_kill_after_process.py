@@ -18,8 +18,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from stagerd.db import ledger as db
-from tests.reliability_support import Proc, run_lines, watching
+from tests.reliability_support import Proc, assert_done, run_lines, watching
 from tests.worker_support import WAVINFO, make_tar, put_batch, scratch_leftovers, wait_for
 
 
@@ -75,13 +74,7 @@ def test_a_worker_killed_after_the_processor_exited_commits_without_a_second_run
         assert second.has("commit_resumed", "ka1"), second.tail()
 
     assert run_lines(runs, "start") == ["ka1"]
-    ledger = db.Ledger(database_url)
-    try:
-        row = ledger.batch("ka1")
-        assert row is not None and row.state == "done", row
-        assert len(ledger.results("ka1")) == 2
-    finally:
-        ledger.close()
+    assert_done(database_url, "ka1", 2)
     assert redis_client.llen(queue_name) == 0
     assert scratch_leftovers(scratch_dir) == []
 

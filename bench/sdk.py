@@ -80,7 +80,7 @@ def boto3_get(key: str) -> None:
 
     seen = [time.monotonic()]
 
-    class Progress(BaseSubscriber):  # type: ignore[misc]
+    class Progress(BaseSubscriber):
         def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
             seen[0] = time.monotonic()
 

@@ -26,8 +26,8 @@ def run_command(
     raises RunFailed with the tail of stderr.
 
     The default timeout is far above any contender's 8 GiB run here, and short enough that a
-    hung peer (boto3 ``download_fileobj`` to a pipe hung for 18 min in a full run: s3transfer's
-    non-seekable download path after a retried range) costs one sample, not the run."""
+    hung peer costs one sample, not the run (boto3 ``download_fileobj`` to a pipe once held a
+    full run for 18 min; bench/sdk.py now ends that one itself, see boto3_get)."""
     sample, out, err = run_measured(
         cmd.argv, env=cmd.env, cwd=STAGERD_ROOT, scratch=scratch, timeout=timeout, server=server
     )

@@ -5,10 +5,12 @@ results file, before the worker commits: the worker writes it as ``.processed.js
 before the processor starts, and the processor's reaper renames it when the processor exits
 0 (in persistent mode the worker's stdout reader does, as it reads the answer). So a worker
 killed at any moment after the processor finished leaves the marker: no completed GPU run
-is repeated for a crash. The worker then rewrites it with the measured seconds. If the commit cannot reach PostgreSQL the worker
-retries (``STAGERD_COMMIT_RETRY``) with the directory locked and the reservation held; if
-it exits first (retry budget spent, shutdown, crash) the directory stays on scratch and
-its job stays in the worker's processing list. Whichever worker on this host next takes the
+is repeated for a crash. The worker then rewrites it with the measured seconds.
+
+If the commit cannot reach PostgreSQL the worker retries (``STAGERD_COMMIT_RETRY``) with
+the directory locked and the reservation held; if it exits first (retry budget spent,
+shutdown, crash) the directory stays on scratch and its job stays in the worker's
+processing list. Whichever worker on this host next takes the
 job (the restarted worker with the same identity, or another one after recovery moved the
 dead worker's job back to the queue) finds the marker and commits the results without
 running the processor again, provided the marker is for this very archive (see

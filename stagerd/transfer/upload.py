@@ -37,6 +37,7 @@ from stagerd.retry import RetryPolicy
 from stagerd.s3.client import get_s3_client
 
 if TYPE_CHECKING:
+    from stagerd.db.ledger import Ledger
     from stagerd.progress import Progress
     from stagerd.queue.redis_queue import RedisClient
     from stagerd.s3.multipart import UploadOptions, UploadResult, UploadTarget
@@ -90,13 +91,14 @@ class Connections:
     """The object store and Redis client, checked once and reused for many transfers.
 
     A one-shot upload builds its own; the watcher keeps one set for its whole life, so a
-    stream of small archives pays for neither a new S3 client, a new Redis connection
-    nor a bucket probe per file.
+    stream of small archives pays for neither a new S3 client, a new Redis connection,
+    a new PostgreSQL connection (the ledger check) nor a bucket probe per file.
     """
 
     s3: S3Settings
     store: ObjectStore
     redis: RedisClient | None
+    ledger: Ledger | None = None
 
     @classmethod
     def open(cls, settings: Settings, *, enqueue: bool = True) -> Connections:
@@ -107,7 +109,12 @@ class Connections:
         redis_client = _connect_redis(settings) if enqueue else None
         store = BotoStore.from_settings(s3)
         _probe_bucket(store, s3)
-        return cls(s3, store, redis_client)
+        return cls(s3, store, redis_client, _open_ledger(settings))
+
+    def close(self) -> None:
+        """Drop the ledger's connection (the others hold nothing a process exit leaks)."""
+        if self.ledger is not None:
+            self.ledger.close()
 
 
 def transfer(
@@ -135,13 +142,15 @@ def transfer(
     file_count = _file_count(path, request.file_count)
     if request.concurrency is not None:
         settings = settings.replace(concurrency=request.concurrency)
-    if connections is None or (request.enqueue and connections.redis is None):
+    kept = connections is not None and not (request.enqueue and connections.redis is None)
+    if connections is None or not kept:
         connections = Connections.open(settings, enqueue=request.enqueue)
     s3, store = connections.s3, connections.store
     redis_client = connections.redis if request.enqueue else None
     size = path.stat().st_size
     if not request.force:
-        _check_ledger_archive(settings, batch_id, path, size)
+        # A kept ledger (the watcher's) is reused; a one-shot run's is closed after the check.
+        _check_ledger_archive(settings, batch_id, path, size, connections.ledger if kept else None)
     target = UploadTarget(store, s3.bucket, key)
     options = _upload_options(settings, request, batch_id, policy)
     progress = make_progress(f"upload {batch_id}", size, mode=progress_mode)
@@ -247,22 +256,35 @@ def _record_digest(
         log.warning("could not write the digest record of %s: %s", batch_id, exc)
 
 
-def _check_ledger_archive(settings: Settings, batch_id: str, path: Path, size: int) -> None:
-    """Refuse a file that differs from what the ledger says *batch_id* holds (the S3 object
-    may be gone). Skipped without DATABASE_URL; an unreachable ledger is only a warning
-    (the S3 check still refuses an overwrite)."""
+def _open_ledger(settings: Settings) -> Ledger | None:
+    """The ledger that guards batch ids, or None without DATABASE_URL. It connects on first
+    use and again after a failure, so opening it costs nothing and needs no server."""
     if not settings.database_url:
-        return
+        return None
     from stagerd.db.ledger import CLI_POLICY, Ledger
 
-    ledger = Ledger(settings.database_url, policy=CLI_POLICY)
+    return Ledger(settings.database_url, policy=CLI_POLICY)
+
+
+def _check_ledger_archive(
+    settings: Settings, batch_id: str, path: Path, size: int, ledger: Ledger | None = None
+) -> None:
+    """Refuse a file that differs from what the ledger says *batch_id* holds (the S3 object
+    may be gone). Skipped without DATABASE_URL; an unreachable ledger is only a warning
+    (the S3 check still refuses an overwrite). *ledger*: a kept one (the watcher's), else
+    one is opened and closed here."""
+    own = ledger is None
+    ledger = _open_ledger(settings) if own else ledger
+    if ledger is None:
+        return
     try:
         row = ledger.batch(batch_id) if ledger.schema_ready() else None
     except ServiceUnavailable as exc:
         log.warning("cannot check the ledger for batch %s: %s", batch_id, exc)
         return
     finally:
-        ledger.close()
+        if own:
+            ledger.close()
     if row is None:
         return
     known = row.archive_size if row.archive_size is not None else row.archive_bytes

@@ -81,7 +81,7 @@ def run_watch(settings: Settings, options: WatchOptions, stop: threading.Event) 
         except StagerdError:
             # The endpoint, bucket, credentials or Redis may be what failed: connect and
             # probe afresh before the next archive.
-            cached.clear()
+            cached.pop().close()
             raise
 
     Watcher(options, run).loop(stop)

@@ -85,3 +85,48 @@ def test_stop_interrupts_without_enqueueing(
             progress_mode="none",
         )  # fmt: skip
     assert redis_client.llen(queue_name) == 0
+
+
+def test_kept_connections_check_the_ledger_over_one_postgres_connection(
+    settings: Any, s3_client: Any, s3_bucket: str, database_url: str, tmp_path: Path
+) -> None:
+    """The watcher keeps one set of connections for many archives; the batch-id guard in the
+    ledger must still refuse a different archive under a used id, and must not open a
+    PostgreSQL connection (a server fork) per archive, which tiny batches paid."""
+    from stagerd.db.ledger import Ledger
+    from stagerd.db.schema import migrate
+    from stagerd.errors import BatchIdReused
+    from stagerd.transfer.upload import Connections
+
+    migrate(database_url)
+    used = write_tar(tmp_path / "used.tar", 64 * 1024)
+    seed = Ledger(database_url)
+    try:
+        assert seed.begin("kept-0", "archives/kept-0.tar", worker="w", sha256="0" * 64, size=1)
+    finally:
+        seed.close()
+    kept = Connections.open(settings, enqueue=False)
+    assert kept.ledger is not None
+    pids = set()
+    try:
+        for n in (1, 2, 3):
+            path = write_tar(tmp_path / f"k{n}.tar", 64 * 1024, members=n)
+            request = TransferRequest(path, f"kept-{n}", enqueue=False)
+            transfer(settings, request, progress_mode="none", connections=kept)
+            pids.add(_backend_pid(kept.ledger))
+        with pytest.raises(BatchIdReused, match="ledger's batch is 1 bytes"):
+            transfer(
+                settings, TransferRequest(used, "kept-0", enqueue=False),
+                progress_mode="none", connections=kept,
+            )  # fmt: skip
+        pids.add(_backend_pid(kept.ledger))
+    finally:
+        kept.close()
+    assert len(pids) == 1 and None not in pids
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert "archives/kept-0.tar" not in keys and "archives/kept-3.tar" in keys
+
+
+def _backend_pid(ledger: Any) -> int:
+    """The PostgreSQL server process serving *ledger*'s connection (one per connection)."""
+    return int(ledger._run("pid", lambda c: c.execute("SELECT pg_backend_pid()").fetchone()[0]))

@@ -130,3 +130,48 @@ def test_kept_connections_check_the_ledger_over_one_postgres_connection(
 def _backend_pid(ledger: Any) -> int:
     """The PostgreSQL server process serving *ledger*'s connection (one per connection)."""
     return int(ledger._run("pid", lambda c: c.execute("SELECT pg_backend_pid()").fetchone()[0]))
+
+
+def test_a_kept_ledger_survives_a_postgres_outage_between_archives(
+    settings: Any, database_url: str, tmp_path: Path
+) -> None:
+    """The watcher's kept ledger connection is reset by an outage: the archive that meets it
+    still goes up (an unreachable ledger is a warning, the S3 check still guards), and once
+    PostgreSQL is back the next archive reconnects and the guard refuses again."""
+    from dataclasses import replace
+
+    from stagerd.db.ledger import Ledger
+    from stagerd.db.schema import migrate
+    from stagerd.errors import BatchIdReused
+    from stagerd.transfer.upload import Connections
+    from tests.tcpproxy import TcpProxy
+
+    assert "@127.0.0.1:5432/" in database_url
+    migrate(database_url)
+    seed = Ledger(database_url)
+    try:
+        assert seed.begin("out-0", "archives/out-0.tar", worker="w", sha256="0" * 64, size=1)
+    finally:
+        seed.close()
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    proxied = replace(settings, database_url=database_url.replace(":5432/", f":{proxy.port}/"))
+    kept = Connections.open(proxied, enqueue=False)
+    assert kept.ledger is not None
+
+    def send(name: str, batch: str, members: int = 1) -> Any:
+        path = write_tar(tmp_path / name, 64 * 1024, members=members)
+        request = TransferRequest(path, batch, enqueue=False)
+        return transfer(proxied, request, progress_mode="none", connections=kept)
+
+    try:
+        assert send("a.tar", "out-1").bytes > 0
+        before = _backend_pid(kept.ledger)
+        proxy.stop()
+        assert send("b.tar", "out-2", members=2).bytes > 0  # ledger down: uploaded anyway
+        proxy.start()
+        with pytest.raises(BatchIdReused, match="ledger's batch is 1 bytes"):
+            send("c.tar", "out-0", members=3)
+        assert _backend_pid(kept.ledger) != before  # a new connection after the reset
+    finally:
+        kept.close()
+        proxy.stop()

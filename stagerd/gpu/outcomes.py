@@ -106,16 +106,8 @@ class BatchEndings:
         return self._redis(lambda: self.queue.pop(self.config.pop_timeout), "queue pop", stop)
 
     def set_phase(self, d: Delivery, phase: Phase) -> None:
+        # The queue writes the status phase and the trail in one transaction.
         self._redis(lambda: self.queue.set_phase(d, phase), "queue set_phase")
-        if d.batch_id is not None:
-            batch_id = d.batch_id
-            self._redis(
-                lambda: trail.mark(
-                    self.queue.client, self.queue.keys, batch_id, phase, d.attempt,
-                    self.config.worker_id,
-                ),
-                "queue trail",
-            )  # fmt: skip
 
     def _clear_trail(self, d: Delivery) -> None:
         if d.batch_id is not None:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, cast
 from stagerd.errors import ConfigError, InvalidJob, ServiceUnavailable
 from stagerd.job import Job
 from stagerd.log import get_logger
-from stagerd.queue import scripts
+from stagerd.queue import scripts, trail
 from stagerd.queue.dlq import dead_letter_record
 from stagerd.queue.keys import QueueKeys
 from stagerd.recovery import decide
@@ -316,10 +316,19 @@ class ReliableQueue:
         )
 
     def set_phase(self, d: Delivery, phase: str) -> None:
-        """Record what the job is doing now, for ``stagerd status``."""
+        """Record what the job is doing now, for ``stagerd status``, and in the trail.
+
+        One MULTI/EXEC: the published phase and the trail change together, so a worker
+        killed the instant ``stagerd status`` shows a phase leaves that same phase in the
+        trail for the next pickup to report (two round trips left a window where status
+        said "processing" while the trail still said "staged")."""
         field = d.batch_id or "(invalid)"
         value = json.dumps({"phase": phase, "since": time.time(), "attempt": d.attempt})
-        self.client.hset(self.keys.phase(self.worker_id), field, value)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.phase(self.worker_id), field, value)
+        if d.batch_id is not None:
+            trail.mark(pipe, self.keys, d.batch_id, phase, d.attempt, self.worker_id)
+        pipe.execute()
 
     def in_flight(self) -> list[Delivery]:
         """This worker's in-flight jobs, oldest first."""

@@ -9,6 +9,7 @@ import pytest
 
 from stagerd.errors import ServiceUnavailable
 from stagerd.job import Job
+from stagerd.queue import trail
 from stagerd.queue.keys import QueueKeys
 from stagerd.queue.orphans import recover_orphans
 from stagerd.queue.redis_queue import ReliableQueue, connect, enqueue_once
@@ -193,6 +194,22 @@ def test_phase_and_in_flight(redis_url, redis_client, keys) -> None:
     assert redis_client.hget(keys.phase("w1"), "p") is None
     q.deregister()
     assert not redis_client.exists(keys.heartbeat("w1"))
+
+
+def test_a_phase_is_in_the_trail_as_soon_as_status_shows_it(redis_url, redis_client, keys) -> None:
+    # A kill right after status shows "processing" must leave "processing" in the trail:
+    # set_phase writes both in one transaction, so no reader sees one without the other.
+    _push(redis_client, keys, "p")
+    q = _queue(redis_url, keys, "w1")
+    q.register()
+    d = q.pop(0.1)
+    assert d is not None
+    q.set_phase(d, "staged")
+    q.set_phase(d, "processing")
+    assert json.loads(redis_client.hget(keys.phase("w1"), "p"))["phase"] == "processing"
+    assert trail.take_died(redis_client, keys, "p", d.attempt + 1) == trail.Died(
+        "processing", d.attempt, "w1"
+    )
 
 
 def test_refunded_requeue_gives_the_attempt_back_only_if_it_moved(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -47,6 +48,7 @@ class Child:
         self.output = output
         self.contained: str | None = None  # why a guard stopped it
         self.main_pid = self._start(argv, env=env, cwd=cwd, grace=grace, stdin=stdin, done=done)
+        self._pidfd = _pidfd(self.proc.pid)
         self.last_stderr = ""
         assert self.proc.stdout is not None and self.proc.stderr is not None
         out_handler = on_stdout or (lambda line: self.output.line("stdout", line))
@@ -120,18 +122,34 @@ class Child:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (stop is not None and stop.is_set()):
                 return None
+            status = self._wait_exit(min(remaining, _POLL))
+            if status is not None:
+                return status
+
+    def _wait_exit(self, timeout: float) -> int | None:
+        """The reaper's exit status if it exits within *timeout* seconds, else None.
+
+        Its pidfd turns readable the moment it exits. ``Popen.wait(timeout=...)`` sleeps in
+        a backoff loop instead (up to 50 ms a nap): every batch paid that between the
+        processor's end and the commit, as idle GPU time (issue 19's prefetch gap)."""
+        if self._pidfd is None:
             try:
-                return self.proc.wait(timeout=min(remaining, _POLL))
+                return self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                continue
+                return None
+        waiter = select.poll()  # not select(): a worker may hold fds past FD_SETSIZE
+        waiter.register(self._pidfd, select.POLLIN)
+        waiter.poll(max(0, int(timeout * 1000) + 1))
+        return self.proc.poll()
 
     def kill(self, grace: float) -> None:
         """SIGTERM the tree (the reaper forwards it and SIGKILLs what is left after
         *grace*); if the reaper itself does not end, SIGKILL the tree from here; reap."""
         if self.proc.poll() is None:
             self._signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):  # the hard kill below
-                self.proc.wait(timeout=grace + _REAPER_SLACK)
+            deadline = time.monotonic() + grace + _REAPER_SLACK
+            while self.proc.poll() is None and (left := deadline - time.monotonic()) > 0:
+                self._wait_exit(left)  # the hard kill below if it does not end
         if self.proc.poll() is None:
             for pid in proctree.descendants(self.proc.pid):
                 with contextlib.suppress(OSError):
@@ -142,6 +160,9 @@ class Child:
     def reap(self) -> None:
         """Wait for the reaper (it ends with the processor's whole tree), end the pumps."""
         self.proc.wait()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         proctree.forget(self.proc.pid)
         proctree.sweep_orphans()
         self.join_output(timeout=2.0)
@@ -157,3 +178,12 @@ class Child:
     def _signal(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):  # group already gone
             os.killpg(self.proc.pid, sig)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for our child *pid* (close-on-exec), or None where the kernel (< 5.3) or
+    the platform has none; waits then fall back to ``Popen.wait``'s polling."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None

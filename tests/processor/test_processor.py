@@ -356,6 +356,84 @@ def test_a_running_child_is_given_up_when_stop_is_set(tmp_path: Path) -> None:
         output.finish()
 
 
+def _pidfds() -> int:
+    """How many pidfds this test process holds open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        except OSError:
+            continue
+    return count
+
+
+def test_a_wait_wakes_on_the_pidfd_and_never_polls_popen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Popen.wait(timeout) naps up to 50 ms at a time: every batch paid that as idle GPU
+    time before its commit. With a pidfd the wait never calls it."""
+    import subprocess
+
+    from stagerd.processor.child import Child
+    from stagerd.processor.outputcap import OutputCap
+
+    def no_polling(self: subprocess.Popen[bytes], timeout: float | None = None) -> int:
+        assert timeout is None, "Popen.wait(timeout) polls: the pidfd should have woken us"
+        return real_wait(self)
+
+    real_wait = subprocess.Popen.wait
+    monkeypatch.setattr(subprocess.Popen, "wait", no_polling)
+    output = OutputCap("b1")
+    running = Child(["/bin/sh", "-c", "exec sleep 300"], env=dict(os.environ), cwd=tmp_path,
+                    output=output, grace=1.0)  # fmt: skip
+    exiting = Child(["/bin/sh", "-c", "sleep 0.2; exit 3"], env=dict(os.environ), cwd=tmp_path,
+                    output=output, grace=1.0)  # fmt: skip
+    try:
+        assert running.wait(time.monotonic() + 0.3, None) is None  # deadline, still running
+        assert exiting.wait(time.monotonic() + 60, None) == 3
+    finally:
+        running.kill(0.0)
+        exiting.reap()
+        output.finish()
+
+
+def test_without_a_pidfd_the_wait_falls_back_to_popen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stagerd.processor import child as child_mod
+    from stagerd.processor.outputcap import OutputCap
+
+    monkeypatch.setattr(child_mod, "_pidfd", lambda pid: None)  # a kernel before 5.3
+    output = OutputCap("b1")
+    running = child_mod.Child(["/bin/sh", "-c", "exec sleep 300"], env=dict(os.environ),
+                              cwd=tmp_path, output=output, grace=1.0)  # fmt: skip
+    exiting = child_mod.Child(["/bin/sh", "-c", "exit 4"], env=dict(os.environ), cwd=tmp_path,
+                              output=output, grace=1.0)  # fmt: skip
+    try:
+        assert running.wait(time.monotonic() + 0.3, None) is None
+        assert exiting.wait(time.monotonic() + 60, None) == 4
+    finally:
+        running.kill(0.0)
+        exiting.reap()
+        output.finish()
+
+
+def test_runs_that_end_every_way_leave_no_pidfd_open(tmp_path: Path) -> None:
+    before = _pidfds()
+    oneshot = make_processor(WAVINFO, env=ENV)
+    oneshot.run(batch(tmp_path, "ok"), timeout=30)
+    with pytest.raises(ProcessorFailed, match="exited with status 5"):
+        make_processor("/bin/sh -c 'exit 5'", env=ENV).run(batch(tmp_path, "bad"), timeout=30)
+    with pytest.raises(ProcessorFailed, match="timed out"):
+        make_processor("sleep 300", env=ENV, kill_grace=0.1).run(
+            batch(tmp_path, "slow"), timeout=0.3
+        )
+    served = persistent()
+    served.run(batch(tmp_path, "p1"), timeout=30)
+    served.close()
+    assert _pidfds() == before
+
+
 # --- the done marker: renamed the moment the processor succeeds (issue 17) -------------
 
 DONE = (".done.pending", "done")

@@ -284,9 +284,16 @@ class BatchSteps(BatchEndings):
 
     # --- processing half ----------------------------------------------------------
 
-    def process(self, staged: Staged, processor: Processor, kill: threading.Event) -> None:
+    def process(
+        self,
+        staged: Staged,
+        processor: Processor,
+        kill: threading.Event,
+        started: Callable[[], None] | None = None,
+    ) -> None:
         """Process, commit results + done, ack: the job ends here, or (commit deferred)
-        stays ours with its results kept on scratch. The caller's ``with batch:`` releases."""
+        stays ours with its results kept on scratch. The caller's ``with batch:`` releases.
+        *started* is called (if at all) once the processor is running; it must not raise."""
         d, fence = staged.delivery, staged.fence
         # From here on the worker's *kill* (drain timeout), not its stop, ends the work,
         # and its polls are the processor thread's progress.
@@ -296,7 +303,7 @@ class BatchSteps(BatchEndings):
         outcome = staged.processed
         if outcome is None:
             try:
-                outcome = self._run_processor(staged, processor)
+                outcome = self._run_processor(staged, processor, started)
             except Exception as exc:
                 log.debug("batch %s: processing raised", d.batch_id, exc_info=True)
                 self.fail(staged.batch, exc, "processing", fence)
@@ -305,7 +312,9 @@ class BatchSteps(BatchEndings):
                 return
         commit_and_ack(self, staged, outcome, kill)
 
-    def _run_processor(self, staged: Staged, processor: Processor) -> ProcessOutcome | None:
+    def _run_processor(
+        self, staged: Staged, processor: Processor, started: Callable[[], None] | None
+    ) -> ProcessOutcome | None:
         """Run the processor and leave the resume marker; None when the lease was lost
         meanwhile (the batch is abandoned). Raises what the processor raised."""
         from stagerd.gpu.resume import RESULTS, mark_pending, mark_processed
@@ -322,6 +331,7 @@ class BatchSteps(BatchEndings):
                 self.scratch, staged.reservation, self.settings.process_scratch_allowance
             ),
             done_marker=mark_pending(path, self.config.worker_id, staged.result),
+            on_started=started,
         )
         outcome = processor.run(request, timeout=self.config.process_timeout, stop=fence)
         # The processor finished: its results are good whoever commits them.

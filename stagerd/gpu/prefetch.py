@@ -205,10 +205,67 @@ class Slot:
                 self._cond.wait(0.5)
 
     def _process_loop(self) -> None:
+        """Process batches in order. The release of a processed batch (its scratch dir
+        removed, its token given back to the stager) waits for the next batch's processor
+        to start when that batch is already staged: released first, the stager began
+        staging at once, and its threads, holding the GIL and both cores, slowed the next
+        start-up several-fold (issue 19's prefetch gap). The release never waits on a batch
+        that is still staging: that one may be waiting for this one's scratch space."""
         processor = self._make_processor()
+        held: Batch | None = None  # processed, its release deferred to the next start
         try:
-            while (staged := self._next()) is not None:
-                with staged.batch:
-                    self._steps.process(staged, processor, self._kill)
+            while (staged := self._take_next(held)) is not None:
+                release, held = _Release(held), None
+                try:
+                    with staged.batch:
+                        self._steps.process(staged, processor, self._kill, release)
+                        if self._has_ready() and staged.batch.outcome == "done":
+                            staged.batch.drop_lease()  # acked: it left our list
+                            staged.batch.pass_on()
+                            held = staged.batch
+                finally:
+                    release.finish()
         finally:
-            processor.close()
+            try:
+                if held is not None:
+                    held.close()
+            finally:
+                processor.close()
+
+    def _has_ready(self) -> bool:
+        with self._cond:
+            return bool(self._ready) and not self._stop.is_set()
+
+    def _take_next(self, held: Batch | None) -> Staged | None:
+        """The next staged batch; *held* is released first unless one is ready now."""
+        if held is not None:
+            with self._cond:
+                if self._ready and not self._stop.is_set():
+                    return self._ready.popleft()
+            held.close()
+        return self._next()
+
+
+class _Release:
+    """Closes a held batch once: called by the runner as the next processor starts (where
+    it must not raise: an error is kept), or by :meth:`finish` after that batch's
+    processing at the latest (which re-raises a kept error: a failed release still ends
+    the slot, as it would have in the batch's own ``with`` block)."""
+
+    def __init__(self, batch: Batch | None) -> None:
+        self._batch = batch
+        self._error: BaseException | None = None
+
+    def __call__(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        try:
+            batch.close()
+        except BaseException as exc:  # noqa: BLE001  # re-raised by finish(), on this thread
+            self._error = exc
+
+    def finish(self) -> None:
+        self()
+        if self._error is not None:
+            raise self._error

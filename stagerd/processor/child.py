@@ -6,6 +6,7 @@ Split from :mod:`stagerd.processor.runner`, which holds the two modes and the co
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -19,6 +20,7 @@ from typing import IO
 from stagerd.errors import ProcessorFailed
 from stagerd.processor import proctree
 from stagerd.processor.outputcap import OutputCap
+from stagerd.streams import write_all
 
 _MAX_LINE = 64 * 1024  # longest processor output line we log (the rest is cut)
 _POLL = 0.1
@@ -44,10 +46,14 @@ class Child:
         on_stdout: Callable[[str], None] | None = None,
         stdin: bool = False,
         done: tuple[str, str] | None = None,
+        standby: Standby | None = None,
     ) -> None:
         self.output = output
         self.contained: str | None = None  # why a guard stopped it
-        self.main_pid = self._start(argv, env=env, cwd=cwd, grace=grace, stdin=stdin, done=done)
+        self.main_pid = self._take(standby, argv, env=env, cwd=cwd, done=done)
+        if self.main_pid == _DEAD:
+            self.main_pid = self._start(argv, env=env, cwd=cwd, grace=grace, stdin=stdin,
+                                        done=done)  # fmt: skip
         self._pidfd = _pidfd(self.proc.pid)
         self.last_stderr = ""
         assert self.proc.stdout is not None and self.proc.stderr is not None
@@ -58,6 +64,28 @@ class Child:
         ]
         for pump in self._pumps:
             pump.start()
+
+    def _take(
+        self,
+        standby: Standby | None,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path | None,
+        done: tuple[str, str] | None,
+    ) -> int | None:
+        """Run *argv* in *standby*: the processor's pid (None if the reaper gave up), or
+        _DEAD when there is no standby or it died before taking the request (then the
+        caller starts a fresh reaper)."""
+        if standby is None:
+            return _DEAD
+        try:
+            pid = standby.go(argv, env=env, cwd=cwd, done=done)
+        except OSError:  # it died waiting (EPIPE): nothing of this batch ran
+            standby.discard()
+            return _DEAD
+        self.proc = standby.proc
+        return pid
 
     def _start(
         self,
@@ -87,9 +115,7 @@ class Child:
             ) from None
         finally:
             os.close(write_end)
-        with os.fdopen(read_end, "rb") as pid_pipe:
-            reported = pid_pipe.read(32).strip()
-        return int(reported) if reported.isdigit() else None
+        return _read_pid(read_end)
 
     def _pump(self, stream: IO[bytes], handle: Callable[[str], None]) -> None:
         with stream:
@@ -187,3 +213,86 @@ def _pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
+
+
+_DEAD = -1  # Child._take: no standby to run in
+
+
+class Standby:
+    """A reaper started ahead of its batch (:mod:`stagerd.processor.reaper`, "Standby"), so
+    the interpreter's start-up happens while the batch before it is processing, not in
+    the idle gap between the two. :class:`Child` takes it with :meth:`go`; one never used
+    is :meth:`discard`-ed. Oneshot mode only (a persistent processor starts once)."""
+
+    def __init__(self, grace: float, env: Mapping[str, str]) -> None:
+        self.grace = grace
+        pid_read, pid_write = os.pipe()
+        req_read, req_write = os.pipe()
+        try:
+            with proctree.spawning() as started:
+                self.proc = subprocess.Popen(
+                    proctree.standby_argv(pid_write, req_read, grace), cwd="/", env=dict(env),
+                    start_new_session=True, pass_fds=(pid_write, req_read),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                )  # fmt: skip
+                started.add(self.proc.pid)
+        except OSError:
+            os.close(pid_read)
+            os.close(req_write)
+            raise
+        finally:
+            os.close(pid_write)
+            os.close(req_read)
+        self._pid_read: int | None = pid_read
+        self._req_write: int | None = req_write
+
+    def go(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path | None,
+        done: tuple[str, str] | None,
+    ) -> int | None:
+        """Hand over the request; the processor's pid (None if the reaper gave up).
+        Raises OSError when the standby is gone (then nothing ran)."""
+        if self._req_write is None or self._pid_read is None or self.proc.poll() is not None:
+            raise OSError("the standby reaper is gone")
+        request = {
+            "argv": argv,
+            "env": dict(env),
+            "cwd": str(cwd) if cwd is not None else "/",
+            "done": ":".join(done) if done else "",
+        }
+        fd, self._req_write = self._req_write, None
+        try:
+            write_all(fd, memoryview(json.dumps(request).encode()))
+        finally:
+            os.close(fd)
+        pid_read, self._pid_read = self._pid_read, None
+        return _read_pid(pid_read)
+
+    def discard(self) -> None:
+        """Close its request pipe unused (it exits 0) and reap it; idempotent."""
+        for name in ("_req_write", "_pid_read"):
+            fd = getattr(self, name)
+            setattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+        try:
+            self.proc.wait(timeout=_REAPER_SLACK)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        proctree.forget(self.proc.pid)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _read_pid(fd: int) -> int | None:
+    """The processor pid a reaper writes on its pid pipe (None if it gave up first)."""
+    with os.fdopen(fd, "rb") as pid_pipe:
+        reported = pid_pipe.read(32).strip()
+    return int(reported) if reported.isdigit() else None

@@ -3,7 +3,8 @@
 Every processor runs below its own subreaper (:mod:`stagerd.processor.reaper`), so its whole tree
 is that reaper's descendants and ends with it. This module is the worker's side:
 
-- :func:`reaper_argv` wraps a processor command in the reaper;
+- :func:`reaper_argv` wraps a processor command in the reaper, :func:`standby_argv` starts
+  one ahead of its batch;
 - :func:`end_helpers` kills every descendant of a reaper but the processor itself (a
   persistent processor's helpers at the end of each batch) and waits until they are gone;
 - :func:`harden_worker` (called by ``stagerd gpu``) makes the worker non-dumpable, so a
@@ -45,6 +46,12 @@ def reaper_argv(
     # -I -S: the reaper needs the stdlib only and must not pick up the processor's paths.
     head = [sys.executable, "-I", "-S", str(REAPER), str(os.getpid()), str(pid_fd)]
     return [*head, f"{grace:g}", *([":".join(done)] if done else []), "--", *argv]
+
+
+def standby_argv(pid_fd: int, req_fd: int, grace: float) -> list[str]:
+    """A reaper started ahead of its batch, waiting on *req_fd* for what to run."""
+    head = [sys.executable, "-I", "-S", str(REAPER), str(os.getpid()), str(pid_fd)]
+    return [*head, f"{grace:g}", "--standby", str(req_fd)]
 
 
 @contextlib.contextmanager

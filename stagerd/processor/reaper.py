@@ -1,4 +1,5 @@
-"""The per-processor subreaper: ``python -I -S reaper.py WORKER_PID PID_FD GRACE [DONE] -- CMD...``.
+"""The per-processor subreaper: ``python -I -S reaper.py WORKER_PID PID_FD GRACE [DONE] -- CMD...``,
+or ``... GRACE --standby REQ_FD`` to be started ahead of its batch.
 
 The worker starts every processor through this small program (stdlib only, so it runs
 from the shiv artifact with ``-I -S``). It marks itself a child subreaper
@@ -18,6 +19,12 @@ kills the whole tree first.
   For the same reason the parent-death signal is SIGHUP, not SIGKILL: caught, it kills
   the tree at once as before, but a reaper whose CMD already exited 0 renames first.
 
+Standby: the interpreter's start-up (~15 ms, more on busy cores) used to sit between one
+batch's end and the next one's start. The worker now starts each batch's reaper while
+the batch before it is processing: it arms its signals and waits on REQ_FD for one JSON
+request ``{"argv", "env", "cwd", "done"}`` (the worker closes its end after writing),
+then runs CMD for it exactly as above. EOF without a request means "not needed": it exits 0.
+
 The worker walks the same tree (:mod:`stagerd.processor.proctree`) to end the helpers of a
 persistent processor after each batch while the processor itself lives on.
 """
@@ -36,6 +43,7 @@ else:
     import _signal as signal
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 _POLL = 0.005
 
@@ -80,14 +88,17 @@ def _signal_all(sig: int) -> None:
             continue
 
 
-def _start(argv: list[str], pid_fd: int) -> int:
+def _start(argv: list[str], pid_fd: int, env: "dict[str, str] | None" = None) -> int:
     pid = os.fork()
     if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.close(pid_fd)
         try:
-            os.execvp(argv[0], argv)
+            if env is None:
+                os.execvp(argv[0], argv)
+            else:
+                os.execvpe(argv[0], argv, env)
         except OSError as exc:
             print(f"cannot start processor {argv[0]!r}: {exc.strerror}", file=sys.stderr)
         os._exit(127)
@@ -132,9 +143,64 @@ def _reap_rest() -> None:
         time.sleep(_POLL)
 
 
+def _read_request(req_fd: int) -> "dict[str, object] | None":
+    """The standby's one request, read to EOF; None when the worker closed it unused."""
+    chunks = []
+    while chunk := os.read(req_fd, 65536):
+        chunks.append(chunk)
+    os.close(req_fd)
+    if not chunks:
+        return None
+    import json  # here, not at the top: the one-shot path never pays for it
+
+    request = json.loads(b"".join(chunks))
+    if not isinstance(request, dict):
+        raise ValueError("the request is not an object")
+    return request
+
+
+def _standby(worker: int, req_fd: int) -> "tuple[str, list[str], dict[str, str]] | int":
+    """Wait for the request: (done, argv, env) with the cwd entered, or an exit code."""
+    # Non-dumpable: while we wait, the batch before ours is processing as our user, and
+    # could otherwise open our request pipe through /proc/<pid>/fd and write to it first.
+    # (Our children file stays readable, for the worker's tree walk.)
+    _prctl(PR_SET_DUMPABLE, 0)
+    # Armed first, with the default dispositions: a worker that dies while we wait
+    # (SIGHUP) or a stop (SIGTERM) ends a standby that has nothing to clean up.
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+    if os.getppid() != worker:
+        return 1
+    try:
+        request = _read_request(req_fd)
+        if request is None:
+            return 0
+        argv, env = request["argv"], request["env"]
+        if not isinstance(argv, list) or not argv or not isinstance(env, dict):
+            raise ValueError("argv or env missing")
+        os.chdir(str(request["cwd"]))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"reaper standby: bad request: {exc}", file=sys.stderr)
+        return 127
+    return str(request["done"]), [str(a) for a in argv], {str(k): str(v) for k, v in env.items()}
+
+
 def main(args: list[str]) -> int:
     worker, pid_fd, grace = int(args[0]), int(args[1]), float(args[2])
-    done, argv = (args[3], args[5:]) if args[3] != "--" else ("", args[4:])
+    if args[3] != "--standby":
+        done, argv = (args[3], args[5:]) if args[3] != "--" else ("", args[4:])
+        return _run(worker, pid_fd, grace, done, argv, None)
+    request = _standby(worker, int(args[4]))
+    if isinstance(request, int):
+        return request
+    done, argv, env = request
+    return _run(worker, pid_fd, grace, done, argv, env)
+
+
+def _run(
+    worker: int, pid_fd: int, grace: float, done: str, argv: "list[str]",
+    env: "dict[str, str] | None",
+) -> int:  # fmt: skip
     asked = []  # a SIGTERM came: an exit 0 after it may be a processor cut short
 
     def on_term(signum: int, frame: object) -> None:
@@ -153,7 +219,7 @@ def main(args: list[str]) -> int:
     if os.getppid() != worker:  # the worker died before PDEATHSIG was armed
         return 1
     dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY) if done else -1
-    status = _wait_for_main(_start(argv, pid_fd))
+    status = _wait_for_main(_start(argv, pid_fd, env))
     signal.setitimer(signal.ITIMER_REAL, 0)
     _reap_rest()  # first: nothing of the tree may still write when the marker appears
     if done and status == 0 and not asked:

@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +44,7 @@ from stagerd.errors import ConfigError, ProcessorContained, ProcessorFailed, Res
 from stagerd.log import get_logger
 from stagerd.processor import proctree
 from stagerd.processor.child import Child as _Child
-from stagerd.processor.child import Guard
+from stagerd.processor.child import Guard, Standby
 from stagerd.processor.outputcap import OutputCap
 from stagerd.results import DEFAULT_LIMITS, ResultLimits, ResultsFile, scan_results
 
@@ -72,6 +72,13 @@ class ProcessRequest:
     # the moment the processor succeeds, by its reaper (oneshot) or as its answer is read
     # (persistent), so a worker killed right after cannot lose the fact (gpu.resume).
     done_marker: tuple[str, str] | None = None
+    # Called once the processor has started (must not raise). The worker releases the
+    # batch before this one here: see gpu.prefetch, "the release of a processed batch".
+    on_started: Callable[[], None] | None = field(default=None, compare=False)
+
+    def started(self) -> None:
+        if self.on_started is not None:
+            self.on_started()
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,7 @@ class OneshotProcessor:
         self._env = dict(env)
         self._grace = kill_grace
         self._limits = limits
+        self._standby: Standby | None = None  # the next batch's reaper, already started
 
     def run(
         self, req: ProcessRequest, *, timeout: float, stop: threading.Event | None = None
@@ -188,10 +196,13 @@ class OneshotProcessor:
             "STAGERD_RESULTS": str(req.results_path),
         }
         output = OutputCap(req.batch_id)
+        standby, self._standby = self._standby, None
         child = _Child(
             self._argv, env=env, cwd=req.batch_dir, output=output, grace=self._grace,
-            done=req.done_marker,
+            done=req.done_marker, standby=standby,
         )  # fmt: skip
+        self._standby = self._spare()
+        req.started()
         try:
             status = child.wait(started + timeout, stop, req.guard)
             if status is None:
@@ -206,8 +217,20 @@ class OneshotProcessor:
         results = collect_results(req, self._limits)
         return ProcessOutcome(seconds=time.monotonic() - started, results=results)
 
+    def _spare(self) -> Standby | None:
+        """The next batch's reaper, started while this batch runs (None if it cannot be:
+        the next batch then starts a fresh one, as it would have anyway)."""
+        try:
+            return Standby(self._grace, self._env)
+        except OSError as exc:
+            log.debug("cannot start a standby reaper: %s", exc)
+            return None
+
     def close(self) -> None:
-        """Nothing outlives a batch in oneshot mode."""
+        """Nothing of a batch outlives it in oneshot mode; the standby reaper goes."""
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            standby.discard()
 
 
 class _DoneMarker:
@@ -301,6 +324,7 @@ class PersistentProcessor:
             child = self._ensure_child()
             self._done.arm(req)
             self._send(child, req)
+            req.started()
             answer = self._await(req, started + timeout, stop)
         finally:
             self._done.disarm()

@@ -156,3 +156,78 @@ def test_prefetch_settings_all_finish(
     finally:
         ledger.close()
     assert scratch_leftovers(scratch_dir) == []
+
+
+def test_a_done_batch_is_released_once_the_next_staged_one_is_processing(
+    settings: Any,
+    s3_client: Any,
+    s3_bucket: str,
+    redis_client: Any,
+    queue_name: str,
+    database_url: str,
+    scratch_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Released first, the done batch gave its token back and the stager's threads slowed
+    the next processor's start-up (issue 19). Now the next staged batch's processor is
+    spawned first; a batch with nothing staged behind it is released at once."""
+    from stagerd.gpu.worker import WorkerOptions, run
+    from stagerd.processor import runner
+    from stagerd.scratch.space import Reservation
+
+    events: list[str] = []
+    spawn, release = runner._Child.__init__, Reservation.release
+
+    def spawned(self: Any, argv: list[str], **kw: Any) -> None:
+        spawn(self, argv, **kw)
+        events.append(f"spawned {kw['env']['STAGERD_BATCH_ID']}")
+
+    def released(self: Reservation, *, remove: bool = True) -> None:
+        events.append(f"released {self.batch_id}")
+        release(self, remove=remove)
+
+    monkeypatch.setattr(runner._Child, "__init__", spawned)
+    monkeypatch.setattr(Reservation, "release", released)
+    batches = [f"r{i}" for i in range(3)]
+    for batch in batches:
+        put_batch(s3_client, redis_client, s3_bucket, queue_name, batch, make_tar(files=1))
+    db.migrate(database_url)
+    # Staging a one-file batch from loopback S3 takes far less than the 3 s of processing:
+    # each next batch is staged by the time the one before it ends.
+    opts = WorkerOptions(burst=True, processor=f"{WAVINFO} --sleep 3", prefetch=1, tick=0.1)
+    run(settings, opts, threading.Event())
+    assert events == [
+        "spawned r0",
+        "spawned r1",
+        "released r0",
+        "spawned r2",
+        "released r1",
+        "released r2",
+    ]
+    ledger = db.Ledger(database_url)
+    try:
+        assert ledger.count_by_state() == {"done": 3}
+    finally:
+        ledger.close()
+    assert scratch_leftovers(scratch_dir) == []
+
+
+def test_a_deferred_release_runs_once_and_its_error_surfaces_after_processing() -> None:
+    from stagerd.gpu.prefetch import _Release
+
+    class Held:  # pure logic: what _Release does with the batch it holds
+        closes = 0
+
+        def close(self) -> None:
+            self.closes += 1
+            raise OSError("scratch record could not be removed")
+
+    held = Held()
+    release = _Release(held)  # type: ignore[arg-type]
+    release()  # as the runner calls it: must not raise into the processor's start
+    release()
+    assert held.closes == 1
+    with pytest.raises(OSError, match="could not be removed"):
+        release.finish()  # after processing: the slot ends, as a failed close always did
+    assert held.closes == 1
+    _Release(None).finish()  # nothing held: nothing to do

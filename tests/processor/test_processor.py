@@ -434,6 +434,159 @@ def test_runs_that_end_every_way_leave_no_pidfd_open(tmp_path: Path) -> None:
     assert _pidfds() == before
 
 
+# --- the standby reaper: the next batch's reaper starts while this one runs (issue 19) --
+
+# Records who ran it and where; on batch "slow", leaves a daemon in its own session and
+# hangs (the timeout must still end the whole tree).
+RECORDER = r"""
+echo "$PPID $STAGERD_BATCH_ID $(pwd)" >> ../runs.txt
+if [ "$STAGERD_BATCH_ID" = slow ]; then setsid sleep 300 & echo $! > daemon.pid; sleep 300; fi
+echo '{"item": "a"}' > "$STAGERD_RESULTS"
+"""
+
+
+def _recorder(tmp_path: Path) -> str:
+    script = tmp_path / "recorder.sh"
+    script.write_text(RECORDER)
+    return f"sh {shlex.quote(str(script))}"
+
+
+def _runs(tmp_path: Path) -> list[list[str]]:
+    return [line.split() for line in (tmp_path / "runs.txt").read_text().splitlines()]
+
+
+def test_the_next_batch_runs_in_the_reaper_started_during_the_one_before(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    proc = make_processor(_recorder(tmp_path), env=ENV)
+    try:
+        proc.run(batch(tmp_path, "b1", files=1), timeout=30)
+        standby = proc._standby  # type: ignore[attr-defined]  # white-box: which reaper
+        assert standby is not None and standby.proc.poll() is None
+        second = replace(batch(tmp_path, "b2", files=1), done_marker=DONE)
+        (second.batch_dir / DONE[0]).write_text("b2")
+        outcome = proc.run(second, timeout=30)
+    finally:
+        proc.close()
+    assert len(outcome.results) == 1
+    first, then = _runs(tmp_path)
+    assert first[1:] == ["b1", str(tmp_path / "b1")]
+    # Its own batch's id, env and cwd, below the reaper started during b1:
+    assert then == [str(standby.proc.pid), "b2", str(second.batch_dir)]
+    assert (second.batch_dir / DONE[1]).exists() and not (second.batch_dir / DONE[0]).exists()
+    assert standby.proc.returncode == 0
+    spare = proc._standby  # type: ignore[attr-defined]
+    assert spare is None  # close() reaped the one started during b2
+
+
+def test_close_reaps_the_unused_standby(tmp_path: Path) -> None:
+    proc = make_processor(_recorder(tmp_path), env=ENV)
+    proc.run(batch(tmp_path, "b1", files=1), timeout=30)
+    standby = proc._standby  # type: ignore[attr-defined]
+    proc.close()
+    assert standby.proc.returncode == 0 and dead(standby.proc.pid)
+
+
+def test_a_standby_killed_before_its_batch_is_replaced_by_a_fresh_reaper(tmp_path: Path) -> None:
+    proc = make_processor(_recorder(tmp_path), env=ENV)
+    try:
+        proc.run(batch(tmp_path, "b1", files=1), timeout=30)
+        standby = proc._standby  # type: ignore[attr-defined]
+        os.kill(standby.proc.pid, 9)
+        standby.proc.wait(10)
+        outcome = proc.run(batch(tmp_path, "b2", files=1), timeout=30)
+    finally:
+        proc.close()
+    assert len(outcome.results) == 1
+    _, then = _runs(tmp_path)
+    assert then[1] == "b2" and then[0] != str(standby.proc.pid)
+
+
+def test_a_batch_in_a_standby_is_contained_like_any_other(tmp_path: Path) -> None:
+    proc = make_processor(_recorder(tmp_path), env=ENV, kill_grace=0.2)
+    try:
+        proc.run(batch(tmp_path, "b1", files=1), timeout=30)
+        standby = proc._standby  # type: ignore[attr-defined]
+        slow = batch(tmp_path, "slow", files=1)
+        with pytest.raises(ProcessorFailed, match="timed out after 1s"):
+            proc.run(slow, timeout=1)
+    finally:
+        proc.close()
+    assert _runs(tmp_path)[1][:2] == [str(standby.proc.pid), "slow"]
+    assert wait_dead(int((slow.batch_dir / "daemon.pid").read_text()))
+    assert dead(standby.proc.pid)
+
+
+def test_a_standby_dies_with_its_worker(tmp_path: Path) -> None:
+    import subprocess
+
+    code = (
+        "import sys, time\n"
+        "from stagerd.processor.child import Standby\n"
+        "print(Standby(1.0, {'PATH': '/usr/bin:/bin'}).proc.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        standby = int(worker.stdout.readline())
+        assert not dead(standby)
+    finally:
+        worker.kill()
+        worker.wait(10)
+    assert wait_dead(standby)  # PDEATHSIG: nothing waits on a dead worker's behalf
+
+
+def test_a_waiting_standby_hides_its_pipes_from_its_own_user() -> None:
+    """The batch before runs as the same user while the standby waits: /proc/<pid>/fd
+    must not hand it the request pipe. Root reads it anyway, so this runs as the user."""
+    import subprocess
+
+    from tests.hostile_support import SITE, WORKER_PYTHON
+    from tests.unpriv import as_user, remove_user_dir, user_dir
+
+    home = user_dir("stagerd-standby-")
+    try:
+        code = (
+            "import os, sys, time\n"
+            "from stagerd.processor.child import Standby\n"
+            "s = Standby(1.0, {'PATH': '/usr/bin:/bin'})\n"
+            "deadline = time.monotonic() + 30\n"
+            "while time.monotonic() < deadline:\n"
+            "    try:\n"
+            "        os.listdir(f'/proc/{s.proc.pid}/fd'); time.sleep(0.01)\n"
+            "    except PermissionError:\n"
+            "        break\n"
+            "try:\n"
+            "    os.listdir(f'/proc/{s.proc.pid}/fd'); print('open')\n"
+            "except PermissionError:\n"
+            "    print('hidden')\n"
+            "print(open(f'/proc/{s.proc.pid}/task/{s.proc.pid}/children').read() == '')\n"
+            "s.discard(); print(s.proc.returncode)\n"
+        )
+        out = subprocess.run(
+            as_user(["env", f"PYTHONPATH={ROOT}:{SITE}", WORKER_PYTHON, "-c", code]),
+            capture_output=True, text=True, check=False, timeout=60, cwd=home,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["hidden", "True", "0"]
+    finally:
+        remove_user_dir(home)
+
+
+def test_a_standby_refuses_a_request_it_cannot_run_with_a_clear_message(tmp_path: Path) -> None:
+    from stagerd.processor.child import Standby
+
+    standby = Standby(1.0, {"PATH": "/usr/bin:/bin"})
+    # No processor pid: the reaper gave up before starting anything.
+    assert standby.go(["true"], env={}, cwd=tmp_path / "missing", done=None) is None
+    assert standby.proc.wait(10) == 127
+    assert standby.proc.stderr is not None
+    assert "reaper standby: bad request" in standby.proc.stderr.read().decode()
+    standby.discard()
+
+
 # --- the done marker: renamed the moment the processor succeeds (issue 17) -------------
 
 DONE = (".done.pending", "done")

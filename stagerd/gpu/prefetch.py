@@ -233,14 +233,14 @@ class Slot:
                 processor.close()
 
     def _has_ready(self) -> bool:
-        with self._cond:
+        with self._cond:  # an RLock: _take_next calls this holding it
             return bool(self._ready) and not self._stop.is_set()
 
     def _take_next(self, held: Batch | None) -> Staged | None:
         """The next staged batch; *held* is released first unless one is ready now."""
         if held is not None:
             with self._cond:
-                if self._ready and not self._stop.is_set():
+                if self._has_ready():
                     return self._ready.popleft()
             held.close()
         return self._next()

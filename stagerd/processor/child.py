@@ -50,8 +50,10 @@ class Child:
     ) -> None:
         self.output = output
         self.contained: str | None = None  # why a guard stopped it
-        self.main_pid = self._take(standby, argv, env=env, cwd=cwd, done=done)
-        if self.main_pid == _DEAD:
+        taken = _take(standby, argv, env=env, cwd=cwd, done=done)
+        if taken is not None:
+            self.proc, self.main_pid = taken
+        else:
             self.main_pid = self._start(argv, env=env, cwd=cwd, grace=grace, stdin=stdin,
                                         done=done)  # fmt: skip
         self._pidfd = _pidfd(self.proc.pid)
@@ -64,28 +66,6 @@ class Child:
         ]
         for pump in self._pumps:
             pump.start()
-
-    def _take(
-        self,
-        standby: Standby | None,
-        argv: list[str],
-        *,
-        env: Mapping[str, str],
-        cwd: Path | None,
-        done: tuple[str, str] | None,
-    ) -> int | None:
-        """Run *argv* in *standby*: the processor's pid (None if the reaper gave up), or
-        _DEAD when there is no standby or it died before taking the request (then the
-        caller starts a fresh reaper)."""
-        if standby is None:
-            return _DEAD
-        try:
-            pid = standby.go(argv, env=env, cwd=cwd, done=done)
-        except OSError:  # it died waiting (EPIPE): nothing of this batch ran
-            standby.discard()
-            return _DEAD
-        self.proc = standby.proc
-        return pid
 
     def _start(
         self,
@@ -215,7 +195,25 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-_DEAD = -1  # Child._take: no standby to run in
+def _take(
+    standby: Standby | None,
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path | None,
+    done: tuple[str, str] | None,
+) -> tuple[subprocess.Popen[bytes], int | None] | None:
+    """Run *argv* in *standby*: its reaper and the processor's pid (None if the reaper gave
+    up); None when there is no standby or it died before taking the request (then the
+    caller starts a fresh reaper)."""
+    if standby is None:
+        return None
+    try:
+        pid = standby.go(argv, env=env, cwd=cwd, done=done)
+    except OSError:  # it died waiting (EPIPE): nothing of this batch ran
+        standby.discard()
+        return None
+    return standby.proc, pid
 
 
 class Standby:
@@ -225,7 +223,6 @@ class Standby:
     is :meth:`discard`-ed. Oneshot mode only (a persistent processor starts once)."""
 
     def __init__(self, grace: float, env: Mapping[str, str]) -> None:
-        self.grace = grace
         pid_read, pid_write = os.pipe()
         req_read, req_write = os.pipe()
         try:

@@ -43,15 +43,17 @@ def reaper_argv(
 ) -> list[str]:
     """*argv* run below a fresh reaper that reports the processor's pid on *pid_fd* (and,
     given *done*, renames ``done[0]`` to ``done[1]`` in its cwd when *argv* exits 0)."""
-    # -I -S: the reaper needs the stdlib only and must not pick up the processor's paths.
-    head = [sys.executable, "-I", "-S", str(REAPER), str(os.getpid()), str(pid_fd)]
-    return [*head, f"{grace:g}", *([":".join(done)] if done else []), "--", *argv]
+    return [*_reaper_head(pid_fd, grace), *([":".join(done)] if done else []), "--", *argv]
 
 
 def standby_argv(pid_fd: int, req_fd: int, grace: float) -> list[str]:
     """A reaper started ahead of its batch, waiting on *req_fd* for what to run."""
-    head = [sys.executable, "-I", "-S", str(REAPER), str(os.getpid()), str(pid_fd)]
-    return [*head, f"{grace:g}", "--standby", str(req_fd)]
+    return [*_reaper_head(pid_fd, grace), "--standby", str(req_fd)]
+
+
+def _reaper_head(pid_fd: int, grace: float) -> list[str]:
+    # -I -S: the reaper needs the stdlib only and must not pick up the processor's paths.
+    return [sys.executable, "-I", "-S", str(REAPER), str(os.getpid()), str(pid_fd), f"{grace:g}"]
 
 
 @contextlib.contextmanager

@@ -95,10 +95,7 @@ def _start(argv: list[str], pid_fd: int, env: "dict[str, str] | None" = None) ->
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.close(pid_fd)
         try:
-            if env is None:
-                os.execvp(argv[0], argv)
-            else:
-                os.execvpe(argv[0], argv, env)
+            os.execvpe(argv[0], argv, os.environ if env is None else env)
         except OSError as exc:
             print(f"cannot start processor {argv[0]!r}: {exc.strerror}", file=sys.stderr)
         os._exit(127)

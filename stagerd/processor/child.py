@@ -26,6 +26,8 @@ _MAX_LINE = 64 * 1024  # longest processor output line we log (the rest is cut)
 _POLL = 0.1
 # How long past its grace the reaper may take to end the tree before we kill it ourselves.
 _REAPER_SLACK = 5.0
+# How long a reaper may take to report its processor's pid (a stopped one never does).
+_REAPER_START = 30.0
 
 # Called while the processor runs: a reason to stop it now (disk over its allowance), or None.
 Guard = Callable[[], str | None]
@@ -95,7 +97,13 @@ class Child:
             ) from None
         finally:
             os.close(write_end)
-        return _read_pid(read_end)
+        try:
+            return _read_pid(read_end)
+        except TimeoutError:
+            _kill_reaper(self.proc)
+            raise ProcessorFailed(
+                f"the reaper for processor {argv[0]!r} did not start within {_REAPER_START:g}s"
+            ) from None
 
     def _pump(self, stream: IO[bytes], handle: Callable[[str], None]) -> None:
         with stream:
@@ -210,6 +218,9 @@ def _take(
         return None
     try:
         pid = standby.go(argv, env=env, cwd=cwd, done=done)
+    except TimeoutError:  # stopped or stuck: killed with whatever it started
+        _kill_reaper(standby.proc)
+        return None
     except OSError:  # it died waiting (EPIPE): nothing of this batch ran
         standby.discard()
         return None
@@ -252,7 +263,8 @@ class Standby:
         done: tuple[str, str] | None,
     ) -> int | None:
         """Hand over the request; the processor's pid (None if the reaper gave up).
-        Raises OSError when the standby is gone (then nothing ran)."""
+        Raises OSError when the standby is gone (then nothing ran), TimeoutError when it
+        does not answer (it may have started the processor)."""
         if self._req_write is None or self._pid_read is None or self.proc.poll() is not None:
             raise OSError("the standby reaper is gone")
         request = {
@@ -276,20 +288,32 @@ class Standby:
             setattr(self, name, None)
             if fd is not None:
                 os.close(fd)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # then killed below
             self.proc.wait(timeout=_REAPER_SLACK)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        proctree.forget(self.proc.pid)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        _kill_reaper(self.proc)
+
+
+def _kill_reaper(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a reaper's group unless it already exited, reap it, close its pipes. Its
+    tree, reparented to the worker (a subreaper), goes in the worker's next sweep."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proctree.forget(proc.pid)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def _read_pid(fd: int) -> int | None:
-    """The processor pid a reaper writes on its pid pipe (None if it gave up first)."""
+    """The processor pid a reaper writes on its pid pipe (None if it gave up first).
+    Raises TimeoutError after ``_REAPER_START`` seconds without a word: a reaper someone
+    SIGSTOPped would otherwise hold the worker here for ever. Closes *fd*."""
     with os.fdopen(fd, "rb") as pid_pipe:
+        waiter = select.poll()
+        waiter.register(fd, select.POLLIN)
+        if not waiter.poll(int(_REAPER_START * 1000)):
+            raise TimeoutError("the reaper did not report its processor")
         reported = pid_pipe.read(32).strip()
     return int(reported) if reported.isdigit() else None

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import tarfile
 import threading
@@ -500,6 +501,41 @@ def test_a_standby_killed_before_its_batch_is_replaced_by_a_fresh_reaper(tmp_pat
     assert len(outcome.results) == 1
     _, then = _runs(tmp_path)
     assert then[1] == "b2" and then[0] != str(standby.proc.pid)
+
+
+def test_a_stopped_standby_is_killed_and_the_batch_runs_in_a_fresh_reaper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch before runs as the same user and may SIGSTOP the waiting standby: it
+    then never reports a pid. The worker must not wait for it for ever."""
+    from stagerd.processor import child as child_mod
+
+    monkeypatch.setattr(child_mod, "_REAPER_START", 1.0)
+    proc = make_processor(_recorder(tmp_path), env=ENV)
+    try:
+        proc.run(batch(tmp_path, "b1", files=1), timeout=30)
+        standby = proc._standby  # type: ignore[attr-defined]
+        os.kill(standby.proc.pid, signal.SIGSTOP)
+        outcome = proc.run(batch(tmp_path, "b2", files=1), timeout=30)
+    finally:
+        proc.close()
+    assert len(outcome.results) == 1
+    _, then = _runs(tmp_path)
+    assert then[1] == "b2" and then[0] != str(standby.proc.pid)
+    assert standby.proc.returncode == -signal.SIGKILL and dead(standby.proc.pid)
+
+
+def test_a_reaper_that_never_reports_fails_the_batch_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stagerd.processor import child as child_mod
+    from stagerd.processor import proctree
+
+    monkeypatch.setattr(child_mod, "_REAPER_START", 1.0)
+    # A "reaper" that stops itself before it reports the processor's pid.
+    monkeypatch.setattr(proctree, "reaper_argv", lambda *a, **k: ["sh", "-c", "kill -STOP $$"])
+    with pytest.raises(ProcessorFailed, match="did not start within 1s"):
+        make_processor("true", env=ENV).run(batch(tmp_path, "b1", files=1), timeout=30)
 
 
 def test_a_batch_in_a_standby_is_contained_like_any_other(tmp_path: Path) -> None:

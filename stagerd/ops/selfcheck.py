@@ -41,10 +41,11 @@ def _modules() -> list[str]:
 
 
 def _s3_model() -> None:
-    import boto3
+    from botocore.session import Session
 
-    # Building a client parses the S3 model and endpoint rules; nothing is sent.
-    boto3.session.Session().client(
+    # Building a client parses the S3 model and endpoint rules; nothing is sent. botocore's
+    # session, as stagerd.s3.client builds its clients (boto3 is not needed at run time).
+    Session().create_client(
         "s3",
         endpoint_url="http://127.0.0.1:9",
         aws_access_key_id="selfcheck",

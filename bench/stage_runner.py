@@ -4,7 +4,8 @@
 from the environment, reserves scratch for the archive (size from HEAD, as the worker does),
 streams + verifies + extracts it with ``stage_batch`` and prints the StageResult as JSON. The
 batch dir is left in place (``release(remove=False)``) so deleting it is not timed; the
-harness removes it.
+harness removes it. It ends as stagerd's own commands do (``stagerd.fastexit``), so the
+one-shot row pays the same exit as ``stagerd transfer upload``.
 """
 
 from __future__ import annotations
@@ -39,4 +40,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from stagerd.fastexit import finish
+
     main(sys.argv[1:])
+    finish(0)

@@ -101,7 +101,18 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Console entry point: run the app, turning StagerdError into one line and an exit code."""
+    """Console entry point: run the app, turning StagerdError into one line and an exit code,
+    then end without the interpreter's teardown (stagerd.fastexit says why and when)."""
+    from stagerd.fastexit import exit_code, finish
+
+    try:
+        _run()
+    except SystemExit as done:
+        finish(exit_code(done.code))
+    finish(0)
+
+
+def _run() -> None:
     from stagerd.log import redact
 
     try:

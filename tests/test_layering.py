@@ -39,6 +39,7 @@ FOUNDATION = {
     "recovery",
     "streams",
     "config",
+    "fastexit",
 }
 EDGES = {"s3", "queue", "db", "scratch", "archive", "processor"}
 ROLES = {"gpu", "transfer", "janitor", "ops", "stage", "samples"}

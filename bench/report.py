@@ -257,7 +257,8 @@ def markdown(
         f"{doc['started_at'][:19]}Z, commit `{doc['git_commit']}`: {host['cpus']} CPUs, "
         f"{fmt_bytes(host['memory_bytes'])} RAM, Python {host['python']}, S3 = {doc['s3']}, "
         f"{doc['rounds']} interleaved round(s) per contender, load average at start "
-        f"{', '.join(f'{x:.1f}' for x in host['load_average'])}.",
+        f"{', '.join(f'{x:.1f}' for x in host['load_average'])}. Scratch (where every "
+        f"contender extracts): {host.get('scratch_fs', 'not recorded')}.",
         "",
         "Ratios are stagerd's median divided by the peer's median over the same interleaved "
         "rounds (below 1 = stagerd is faster or smaller). Absolute times drift on this shared "

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 import uuid
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from bench import report, services
+from bench import report, scratchfs, services
 from bench.context import FULL, QUICK, ROOT, BenchContext
 from bench.model import ScenarioResult, scenario_from_dict
 from bench.scenarios import SCALE_SCENARIOS, SCENARIOS
@@ -150,7 +149,7 @@ def run_scenarios(ctx: BenchContext, names: list[str]) -> list[ScenarioResult]:
         started = time.perf_counter()
         result = registry[name](ctx)
         result.params["scenario_seconds"] = round(time.perf_counter() - started, 1)
-        shutil.rmtree(ctx.work / "runs", ignore_errors=True)  # errors already carry log tails
+        scratchfs.clear(ctx.work / "runs")  # errors already carry log tails
         for line in report.result_lines(result):
             print(f"   {line}", flush=True)
         results.append(result)
@@ -189,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not ctx.server_pids:
             print(f"note: no local process found for {target.endpoint}: no server CPU")
-        results = run_scenarios(ctx, args.names)
+        with scratchfs.scratch_filesystem(ctx.work, ctx.quick) as scratch_fs:
+            print(f"scratch: {scratch_fs}", flush=True)
+            results = run_scenarios(ctx, args.names)
     if args.update:
         results = fold_into_latest(args.results_dir / "latest.json", results)
-    doc = report.document(ctx, results, started, host_info())
+    doc = report.document(ctx, results, started, {**host_info(), "scratch_fs": scratch_fs})
     if args.beside is not None:
         doc["beside"] = report.beside(doc, json.loads(args.beside.read_text()), str(args.beside))
     json_path, md_path = report.write(doc, results, args.results_dir, args.report)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import profile, services
+from bench import profile, scratchfs, services
 from bench.measure import Sample, run_measured, tree_cpu
 from bench.model import Check, Contender, ContenderResult, ScenarioResult, interleave
 from bench.scenarios import SCENARIOS, scale
@@ -224,6 +224,49 @@ QUICK_TIMEOUT = 420
 
 
 @pytest.mark.timeout(QUICK_TIMEOUT + 60)
+def test_scratch_clear_empties_a_run_dir_but_keeps_lost_and_found(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    (runs / "stage-peer" / "a").mkdir(parents=True)
+    (runs / "stage-peer" / "a" / "f").write_bytes(b"x")
+    (runs / "loose").write_bytes(b"y")
+    (runs / "lost+found").mkdir()
+    scratchfs.clear(runs)
+    assert sorted(p.name for p in runs.iterdir()) == ["lost+found"]
+
+
+def test_scratch_is_the_host_filesystem_in_quick_runs_and_says_so(tmp_path: Path) -> None:
+    with scratchfs.scratch_filesystem(tmp_path, quick=True) as desc:
+        assert not os.path.ismount(tmp_path / "runs")
+    assert desc.startswith("host filesystem ") and "(no fresh ext4: --quick)" in desc
+
+
+def _journaled(device_of: Path) -> bool:
+    dev = next(
+        line.split()[0]
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+        if line.split()[1] == str(device_of)
+    )
+    out = subprocess.run(["dumpe2fs", "-h", dev], capture_output=True, text=True, check=True)
+    return "has_journal" in out.stdout
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or scratchfs._usable(quick=False) is not None,
+    reason="needs root, mkfs.ext4 and loop devices",
+)
+def test_scratch_is_a_fresh_journaled_ext4_for_the_run_and_gone_after(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    with scratchfs.scratch_filesystem(tmp_path, quick=False, wanted=8 << 30) as desc:
+        assert os.path.ismount(runs), desc
+        assert desc.startswith("fresh ext4 (journaled, 8 GiB")
+        assert _journaled(runs)
+        (runs / "stage" / "x").mkdir(parents=True)
+        scratchfs.clear(runs)
+        assert [p.name for p in runs.iterdir()] == ["lost+found"]
+    assert not os.path.ismount(runs)
+    assert not (tmp_path / "scratch-ext4.img").exists()
+
+
 def test_quick_run_writes_json_report_and_plots_with_ratios(tmp_path: Path) -> None:
     results_dir, report = tmp_path / "results", tmp_path / "REPORT.md"
     proc = subprocess.run(

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,9 @@ def _is_empty(path: Path) -> bool:
         return True
 
 
+SPARE_REAPERS = 2  # standby reapers kept started ahead of their batches (oneshot mode)
+
+
 class OneshotProcessor:
     """One child per batch (cwd = batch dir, batch described by environment variables)."""
 
@@ -181,7 +185,9 @@ class OneshotProcessor:
         self._env = dict(env)
         self._grace = kill_grace
         self._limits = limits
-        self._standby: Standby | None = None  # the next batch's reaper, already started
+        # The next batches' reapers, already started. Two: a reaper takes ~20-25 ms to be
+        # ready here, and a tiny batch ends before one started during it would be.
+        self._spares: deque[Standby] = deque()
 
     def run(
         self, req: ProcessRequest, *, timeout: float, stop: threading.Event | None = None
@@ -196,12 +202,12 @@ class OneshotProcessor:
             "STAGERD_RESULTS": str(req.results_path),
         }
         output = OutputCap(req.batch_id)
-        standby, self._standby = self._standby, None
+        standby = self._spares.popleft() if self._spares else None
         child = _Child(
             self._argv, env=env, cwd=req.batch_dir, output=output, grace=self._grace,
             done=req.done_marker, standby=standby,
         )  # fmt: skip
-        self._standby = self._spare()
+        self._top_up()
         req.started()
         try:
             status = child.wait(started + timeout, stop, req.guard)
@@ -217,20 +223,20 @@ class OneshotProcessor:
         results = collect_results(req, self._limits)
         return ProcessOutcome(seconds=time.monotonic() - started, results=results)
 
-    def _spare(self) -> Standby | None:
-        """The next batch's reaper, started while this batch runs (None if it cannot be:
-        the next batch then starts a fresh one, as it would have anyway)."""
-        try:
-            return Standby(self._grace, self._env)
-        except OSError as exc:
-            log.debug("cannot start a standby reaper: %s", exc)
-            return None
+    def _top_up(self) -> None:
+        """Start the next batches' reapers while this batch runs (if one cannot be started,
+        a later batch starts a fresh one, as it would have anyway)."""
+        while len(self._spares) < SPARE_REAPERS:
+            try:
+                self._spares.append(Standby(self._grace, self._env))
+            except OSError as exc:
+                log.debug("cannot start a standby reaper: %s", exc)
+                return
 
     def close(self) -> None:
-        """Nothing of a batch outlives it in oneshot mode; the standby reaper goes."""
-        standby, self._standby = self._standby, None
-        if standby is not None:
-            standby.discard()
+        """Nothing of a batch outlives it in oneshot mode; the standby reapers go."""
+        while self._spares:
+            self._spares.popleft().discard()
 
 
 class _DoneMarker:

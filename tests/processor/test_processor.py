@@ -462,7 +462,7 @@ def test_the_next_batch_runs_in_the_reaper_started_during_the_one_before(tmp_pat
     proc = make_processor(_recorder(tmp_path), env=ENV)
     try:
         proc.run(batch(tmp_path, "b1", files=1), timeout=30)
-        standby = proc._standby  # type: ignore[attr-defined]  # white-box: which reaper
+        standby = proc._spares[0]  # type: ignore[attr-defined]  # white-box: which reaper
         assert standby is not None and standby.proc.poll() is None
         second = replace(batch(tmp_path, "b2", files=1), done_marker=DONE)
         (second.batch_dir / DONE[0]).write_text("b2")
@@ -476,14 +476,35 @@ def test_the_next_batch_runs_in_the_reaper_started_during_the_one_before(tmp_pat
     assert then == [str(standby.proc.pid), "b2", str(second.batch_dir)]
     assert (second.batch_dir / DONE[1]).exists() and not (second.batch_dir / DONE[0]).exists()
     assert standby.proc.returncode == 0
-    spare = proc._standby  # type: ignore[attr-defined]
-    assert spare is None  # close() reaped the one started during b2
+    assert not proc._spares  # type: ignore[attr-defined]  # close() reaped the spares
+
+
+def test_two_standbys_wait_ahead_and_each_batch_takes_the_oldest(tmp_path: Path) -> None:
+    """A tiny batch ends before the reaper started during it is ready (~20-25 ms here), so
+    two wait: batch 3 runs in a reaper started during batch 1."""
+    from stagerd.processor.runner import SPARE_REAPERS
+
+    proc = make_processor(_recorder(tmp_path), env=ENV)
+    try:
+        proc.run(batch(tmp_path, "b1", files=1), timeout=30)
+        spares = list(proc._spares)  # type: ignore[attr-defined]
+        assert len(spares) == SPARE_REAPERS == 2
+        assert all(s.proc.poll() is None for s in spares)
+        proc.run(batch(tmp_path, "b2", files=1), timeout=30)
+        proc.run(batch(tmp_path, "b3", files=1), timeout=30)
+        assert len(proc._spares) == 2  # type: ignore[attr-defined]
+    finally:
+        proc.close()
+    runs = _runs(tmp_path)
+    assert [r[1] for r in runs] == ["b1", "b2", "b3"]
+    assert [r[0] for r in runs[1:]] == [str(s.proc.pid) for s in spares]
+    assert all(s.proc.returncode == 0 for s in spares)
 
 
 def test_close_reaps_the_unused_standby(tmp_path: Path) -> None:
     proc = make_processor(_recorder(tmp_path), env=ENV)
     proc.run(batch(tmp_path, "b1", files=1), timeout=30)
-    standby = proc._standby  # type: ignore[attr-defined]
+    standby = proc._spares[0]  # type: ignore[attr-defined]
     proc.close()
     assert standby.proc.returncode == 0 and dead(standby.proc.pid)
 
@@ -492,7 +513,7 @@ def test_a_standby_killed_before_its_batch_is_replaced_by_a_fresh_reaper(tmp_pat
     proc = make_processor(_recorder(tmp_path), env=ENV)
     try:
         proc.run(batch(tmp_path, "b1", files=1), timeout=30)
-        standby = proc._standby  # type: ignore[attr-defined]
+        standby = proc._spares[0]  # type: ignore[attr-defined]
         os.kill(standby.proc.pid, 9)
         standby.proc.wait(10)
         outcome = proc.run(batch(tmp_path, "b2", files=1), timeout=30)
@@ -514,7 +535,7 @@ def test_a_stopped_standby_is_killed_and_the_batch_runs_in_a_fresh_reaper(
     proc = make_processor(_recorder(tmp_path), env=ENV)
     try:
         proc.run(batch(tmp_path, "b1", files=1), timeout=30)
-        standby = proc._standby  # type: ignore[attr-defined]
+        standby = proc._spares[0]  # type: ignore[attr-defined]
         os.kill(standby.proc.pid, signal.SIGSTOP)
         outcome = proc.run(batch(tmp_path, "b2", files=1), timeout=30)
     finally:
@@ -542,7 +563,7 @@ def test_a_batch_in_a_standby_is_contained_like_any_other(tmp_path: Path) -> Non
     proc = make_processor(_recorder(tmp_path), env=ENV, kill_grace=0.2)
     try:
         proc.run(batch(tmp_path, "b1", files=1), timeout=30)
-        standby = proc._standby  # type: ignore[attr-defined]
+        standby = proc._spares[0]  # type: ignore[attr-defined]
         slow = batch(tmp_path, "slow", files=1)
         with pytest.raises(ProcessorFailed, match="timed out after 1s"):
             proc.run(slow, timeout=1)

@@ -25,21 +25,25 @@ from pathlib import Path
 GiB = 1 << 30
 
 
-def _fstype(path: Path) -> str:
-    """The filesystem type and options of the mount holding ``path`` (from /proc/self/mounts)."""
-    best, desc = "", "unknown"
+def _mount_of(path: Path) -> tuple[str, str, str]:
+    """(device, fstype, options) of the mount holding ``path`` (from /proc/self/mounts)."""
+    best, found = "", ("?", "unknown", "")
     target = str(path.resolve())
     try:
         with open("/proc/self/mounts") as f:
             for line in f:
-                _dev, mnt, fstype, opts, *_ = line.split()
-                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(
-                    best
-                ):
-                    best, desc = mnt, f"{fstype} ({opts})"
+                dev, mnt, fstype, opts, *_ = line.split()
+                inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) > len(best):
+                    best, found = mnt, (dev, fstype, opts)
     except OSError:
         pass
-    return desc
+    return found
+
+
+def _fstype(path: Path) -> str:
+    _dev, fstype, opts = _mount_of(path)
+    return f"{fstype} ({opts})"
 
 
 def host_description(path: Path) -> str:
@@ -48,12 +52,13 @@ def host_description(path: Path) -> str:
 
 
 def _no_journal(path: Path) -> bool:
-    """ext4 without a journal shows no jbd2 entry for its device (best effort)."""
-    desc = _fstype(path)
-    if not desc.startswith("ext4"):
+    """ext4 with a journal has a jbd2 entry named after its device (``vda-8``)."""
+    dev, fstype, _opts = _mount_of(path)
+    if fstype != "ext4":
         return False
+    name = os.path.basename(os.path.realpath(dev))
     jbd2 = Path("/proc/fs/jbd2")
-    return not (jbd2.is_dir() and any(jbd2.iterdir()))
+    return not (jbd2.is_dir() and any(p.name.startswith(name + "-") for p in jbd2.iterdir()))
 
 
 def _image_size(work: Path, wanted: int) -> int:

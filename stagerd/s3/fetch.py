@@ -6,7 +6,8 @@ The contract of this module:
   from one object version; a replaced object surfaces as a :class:`TransientError`
   (412: the job is retried from a fresh HEAD), never as a spliced archive.
 * A dropped connection resumes at the byte offset reached, not from zero, under a
-  :class:`~stagerd.retry.RetryPolicy` (one policy budget per range).
+  :class:`~stagerd.retry.RetryPolicy`: one policy budget per range, renewed whenever the
+  range made progress before it ran out.
 * Three stages overlap, each on its own thread: a prefetch thread reads ranges in ~1 MiB
   chunks, a hashing thread feeds them to SHA-256 in order, the consumer writes them out
   (recv, hashlib and write all release the GIL on big buffers). Bounded queues between the
@@ -48,7 +49,10 @@ from stagerd.streams import CHUNK, write_all
 log = get_logger(__name__)
 
 MiB = 1024**2
-DEFAULT_RANGE_SIZE = 32 * MiB
+# Large: on the Swift all-in-one each GET cost its proxy ~20 ms of CPU, and 32 MiB ranges
+# made staging 1.10x s5cmd's single GET; 256 MiB, 0.77x (bench/analysis.md). A dropped
+# connection resumes at its byte offset whatever the range size.
+DEFAULT_RANGE_SIZE = 256 * MiB
 DEFAULT_PREFETCH = 32 * MiB
 _POLL = 0.2  # seconds between stop/cancel checks while blocked on the queue
 _CLOSE_WAIT = 2.0  # how long close() waits for the prefetch thread
@@ -202,12 +206,7 @@ class RangedStream:
     def _produce(self) -> None:
         try:
             while self._offset < self.size:
-                end = min(self._offset + self._range_size, self.size) - 1
-                self._policy.call(
-                    functools.partial(self._pump, end),
-                    what=f"GET bytes {self._offset}-{end}",
-                    stop=self._cancel,
-                )
+                self._fetch_range()
             self._put(self._fetched, None)
         except _Cancelled:
             # EOF must never be faked here: a consumer still waiting gets the real reason.
@@ -215,6 +214,25 @@ class RangedStream:
                 self._put(self._fetched, StageInterrupted("staging stopped by shutdown"))
         except (StagerdError, OSError) as exc:
             self._put(self._fetched, self._describe(exc))  # the consumer thread raises it
+
+    def _fetch_range(self) -> None:
+        """One range under one policy budget. A budget spent while the offset moved on is
+        renewed (the caller re-enters at the offset reached): a link that keeps delivering
+        is flaky, not down, and a range is large (each GET costs a Swift proxy more CPU
+        than tens of MiB of data). Without progress the last error stands."""
+        start = self._offset
+        end = min(start + self._range_size, self.size) - 1
+        try:
+            self._policy.call(
+                functools.partial(self._pump, end),
+                what=f"GET bytes {start}-{end}",
+                stop=self._cancel,
+            )
+        except Exception as exc:
+            if self._offset > start and self._policy.classify(exc) and not self._stopping():
+                log.info("GET bytes %d-%d: retries renewed at byte %d", start, end, self._offset)
+                return
+            raise
 
     def _hash(self) -> None:
         """The middle stage: every fetched chunk, in order, through the hasher to the

@@ -115,6 +115,23 @@ def test_dropped_connection_resumes_at_the_byte_offset(
     assert [start for start, _ in opener.calls] == [0, CHUNK, 2 * CHUNK]
 
 
+def test_a_range_that_keeps_progressing_renews_its_retries(
+    s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
+) -> None:
+    """Three drops in one range, two attempts per budget: the budget runs out after the
+    offset moved on, so it is renewed and the stream finishes (a flaky link, not a dead one)."""
+    data, head = blob
+    real = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
+    opener = Recorder(real, flaky=3, reads=1)  # each of the first three GETs: 1 MiB, then a drop
+    with RangedStream(
+        opener, head.size, describe=describe(s3_bucket), range_size=8 * CHUNK,
+        policy=RetryPolicy(attempts=2, base=0.001, max_delay=0.01, total=10),
+    ) as stream:  # fmt: skip
+        assert read_all(stream) == data
+    assert stream.sha256() == hashlib.sha256(data).hexdigest()
+    assert [start for start, _ in opener.calls] == [0, CHUNK, 2 * CHUNK, 3 * CHUNK]
+
+
 def test_retries_exhausted_surface_as_transient(
     s3_client: Any, s3_bucket: str, blob: tuple[bytes, ArchiveHead]
 ) -> None:
@@ -226,7 +243,11 @@ def test_download_resumes_a_partial_file_for_the_same_etag(
     real = s3_range_opener(BotoStore(s3_client), s3_bucket, KEY, head.etag)
     dest = tmp_path / "archive.tar"
     charged: list[int] = []
-    broken = Recorder(real, flaky=100, reads=2)
+    reads = iter([2] + [0] * 100)  # 2 MiB, then a link that drops every connection at once
+
+    def broken(start: int, end: int) -> Body:
+        return FlakyBody(real(start, end), next(reads))
+
     with pytest.raises(TransientError):
         download_to_file(
             broken, head, dest, describe=describe(s3_bucket), charge=charged.append,

@@ -80,6 +80,8 @@ class Settings:
     queue: str = "queue:unpack"
     max_parts: int = 1000
     part_size: int = 64 * MiB
+    # Staging's ranged GETs (stagerd.s3.fetch.DEFAULT_RANGE_SIZE says why this size).
+    range_size: int = 256 * MiB
     concurrency: int = 8
     processor: str | None = None
     process_timeout: float = 4 * 3600.0
@@ -248,6 +250,13 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     return check
 
 
+def _range_size(text: str) -> int:
+    value = parse_size(text)
+    if not MiB <= value <= 5 * GiB:
+        raise ValueError(f"must be between 1MiB and 5GiB, got {text!r}")
+    return value
+
+
 def _part_size(text: str) -> int:
     value = parse_size(text)
     if not 5 * MiB <= value <= 5 * GiB:
@@ -302,6 +311,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_QUEUE", "queue", _nonempty),
     _Spec("STAGERD_MAX_PARTS", "max_parts", _bounded_int(1, 10000)),
     _Spec("STAGERD_PART_SIZE", "part_size", _part_size),
+    _Spec("STAGERD_RANGE_SIZE", "range_size", _range_size),
     _Spec("STAGERD_CONCURRENCY", "concurrency", _bounded_int(1, 256)),
     _Spec("STAGERD_PROCESSOR", "processor", _nonempty),
     _Spec("STAGERD_PROCESS_TIMEOUT", "process_timeout", _positive(parse_duration)),

@@ -278,6 +278,7 @@ class BatchSteps(BatchEndings):
                 on_progress=on_progress,
                 max_members=self.settings.max_members,
                 head=head,
+                range_size=self.settings.range_size,
             )
         finally:
             progress.close()

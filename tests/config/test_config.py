@@ -21,6 +21,9 @@ def test_defaults_match_the_contract() -> None:
     assert s.scratch_budget == 40 * GiB and s.scratch_headroom == 2 * GiB
     assert s.queue == "queue:unpack" and s.max_parts == 1000 and s.max_attempts == 3
     assert s.redis_url == "redis://127.0.0.1:6379/0"
+    from stagerd.s3.fetch import DEFAULT_RANGE_SIZE
+
+    assert s.range_size == DEFAULT_RANGE_SIZE  # one default, whichever way staging is called
 
 
 def test_human_units_and_overrides() -> None:
@@ -30,11 +33,13 @@ def test_human_units_and_overrides() -> None:
             "STAGERD_SCRATCH_BUDGET": "10GiB",
             "STAGERD_PROCESS_TIMEOUT": "15m",
             "STAGERD_PART_SIZE": "8MiB",
+            "STAGERD_RANGE_SIZE": "32MiB",
         }
     )
     assert (
         s.scratch_budget == 10 * GiB and s.process_timeout == 900.0 and s.part_size == 8 * 1024**2
     )
+    assert s.range_size == 32 * 1024**2
     s3 = s.require_s3()
     assert s3.bucket == "audio-archives" and s3.checksum_mode == "when_required"
 
@@ -53,6 +58,8 @@ def test_missing_s3_names_the_variables() -> None:
         ("STAGERD_MAX_PARTS", "0"),
         ("STAGERD_MAX_PARTS", "10001"),
         ("STAGERD_PART_SIZE", "1MiB"),
+        ("STAGERD_RANGE_SIZE", "64KiB"),
+        ("STAGERD_RANGE_SIZE", "6GiB"),
         ("STAGERD_CONCURRENCY", "many"),
         ("S3_ENDPOINT", "swift.example.edu"),
         ("REDIS_URL", "localhost:6379"),

@@ -111,6 +111,9 @@ def test_256mib_upload_and_staging_through_20_percent_faults(
             "STAGERD_S3_READ_TIMEOUT": "5s",
             "STAGERD_S3_CONNECT_TIMEOUT": "2s",
             "STAGERD_PROCESSOR": WAVINFO,
+            # Eight ranges, not one: staging then meets faults on many GETs, as the upload
+            # does on its parts (the seeded kinds below need that many requests).
+            "STAGERD_RANGE_SIZE": "32MiB",
         }
         upload = _run(
             ["transfer", "upload", str(archive), "--batch-id", "big", "--part-size", "16MiB",

@@ -223,7 +223,6 @@ def test_processor_gaps_from_the_processor_log(tmp_path: Path) -> None:
 QUICK_TIMEOUT = 420
 
 
-@pytest.mark.timeout(QUICK_TIMEOUT + 60)
 def test_scratch_clear_empties_a_run_dir_but_keeps_lost_and_found(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     (runs / "stage-peer" / "a").mkdir(parents=True)
@@ -267,6 +266,7 @@ def test_scratch_is_a_fresh_journaled_ext4_for_the_run_and_gone_after(tmp_path: 
     assert not (tmp_path / "scratch-ext4.img").exists()
 
 
+@pytest.mark.timeout(QUICK_TIMEOUT + 60)
 def test_quick_run_writes_json_report_and_plots_with_ratios(tmp_path: Path) -> None:
     results_dir, report = tmp_path / "results", tmp_path / "REPORT.md"
     proc = subprocess.run(

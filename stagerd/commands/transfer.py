@@ -28,15 +28,12 @@ def register(app: typer.Typer) -> None:
 def _part_size(text: str | None) -> int | None:
     if text is None:
         return None
-    from stagerd.units import parse_size
+    from stagerd.config.settings import parse_part_size
 
     try:
-        value = parse_size(text)
+        return parse_part_size(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--part-size") from None
-    if not 5 * 1024**2 <= value <= 5 * 1024**3:
-        raise typer.BadParameter("must be between 5MiB and 5GiB", param_hint="--part-size")
-    return value
 
 
 def _progress(mode: str) -> str:

@@ -250,18 +250,21 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     return check
 
 
-def _range_size(text: str) -> int:
-    value = parse_size(text)
-    if not MiB <= value <= 5 * GiB:
-        raise ValueError(f"must be between 1MiB and 5GiB, got {text!r}")
-    return value
+def _size_between(low: str, high: str, why: str = "") -> Callable[[str], int]:
+    """A size in [low, high], both given as the user would write them ("5MiB")."""
+    lo, hi = parse_size(low), parse_size(high)
+
+    def check(text: str) -> int:
+        value = parse_size(text)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {low} and {high}{why}, got {text!r}")
+        return value
+
+    return check
 
 
-def _part_size(text: str) -> int:
-    value = parse_size(text)
-    if not 5 * MiB <= value <= 5 * GiB:
-        raise ValueError(f"must be between 5MiB and 5GiB (S3 part limits), got {text!r}")
-    return value
+# STAGERD_PART_SIZE and `transfer ... --part-size` share it.
+parse_part_size = _size_between("5MiB", "5GiB", " (S3 part limits)")
 
 
 def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
@@ -310,8 +313,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("STAGERD_SCRATCH_HEADROOM", "scratch_headroom", parse_size),
     _Spec("STAGERD_QUEUE", "queue", _nonempty),
     _Spec("STAGERD_MAX_PARTS", "max_parts", _bounded_int(1, 10000)),
-    _Spec("STAGERD_PART_SIZE", "part_size", _part_size),
-    _Spec("STAGERD_RANGE_SIZE", "range_size", _range_size),
+    _Spec("STAGERD_PART_SIZE", "part_size", parse_part_size),
+    _Spec("STAGERD_RANGE_SIZE", "range_size", _size_between("1MiB", "5GiB")),
     _Spec("STAGERD_CONCURRENCY", "concurrency", _bounded_int(1, 256)),
     _Spec("STAGERD_PROCESSOR", "processor", _nonempty),
     _Spec("STAGERD_PROCESS_TIMEOUT", "process_timeout", _positive(parse_duration)),

@@ -33,7 +33,9 @@ def main(argv: list[str]) -> None:
     manager = ScratchManager.from_settings(settings)
     reservation = manager.reserve(batch_id, head.size)
     try:
-        result = stage_batch(client, bucket, job, reservation, keep_archive=keep)
+        result = stage_batch(
+            client, bucket, job, reservation, keep_archive=keep, range_size=settings.range_size
+        )
     finally:
         reservation.release(remove=False)
     print(json.dumps(asdict(result)))

@@ -319,6 +319,7 @@ def download_archive(s3_key: str, batch_id: str) -> Path:
         describe=partial(map_s3_error, bucket=s3.bucket, key=s3_key),
         charge=lambda _n: None,
         policy=policy,
+        range_size=settings.range_size,
     )
     return local_path
 

@@ -47,15 +47,14 @@ def _fstype(path: Path) -> str:
 
 
 def host_description(path: Path) -> str:
-    journal = "no journal" if _no_journal(path) else "journaled"
-    return f"host filesystem {_fstype(path)}, {journal}"
-
-
-def _no_journal(path: Path) -> bool:
-    """ext4 with a journal has a jbd2 entry named after its device (``vda-8``)."""
-    dev, fstype, _opts = _mount_of(path)
+    dev, fstype, opts = _mount_of(path)
     if fstype != "ext4":
-        return False
+        return f"host filesystem {fstype} ({opts})"
+    return f"host filesystem ext4 ({opts}), {'no journal' if _no_journal(dev) else 'journaled'}"
+
+
+def _no_journal(dev: str) -> bool:
+    """An ext4 with a journal has a jbd2 entry named after its device (``vda-8``)."""
     name = os.path.basename(os.path.realpath(dev))
     jbd2 = Path("/proc/fs/jbd2")
     return not (jbd2.is_dir() and any(p.name.startswith(name + "-") for p in jbd2.iterdir()))
